@@ -1,0 +1,86 @@
+"""The model zoo: a registry of variants, each exact to a reference implementation.
+
+    import nets
+    nets.list_models("*resnet*")
+    f = nets.transformed("resnet50", num_classes=10)
+    params, state = f.init(rng, images, is_training=True)
+    logits, state = f.apply(params, state, rng, images, is_training=False)
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+
+import haiku as hk
+
+from nets import layers, resnet_family
+from nets.registry import ModelInfo, Preprocessing
+
+_FAMILIES = (resnet_family,)
+_MODELS: dict[str, ModelInfo] = {}
+for _family in _FAMILIES:
+    for _info in _family.VARIANTS:
+        if _info.name in _MODELS:
+            raise RuntimeError(f"model {_info.name!r} is registered twice")
+        _MODELS[_info.name] = _info
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered variants matching an fnmatch pattern."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} nets.list_models() lists all "
+                         f"{len(_MODELS)}.") from None
+
+
+def _check_overrides(info: ModelInfo, overrides: dict) -> None:
+    accepted = [p for p in inspect.signature(info.builder).parameters if p != "self"]
+    for key in overrides:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise TypeError(f"{info.name} has no option {key!r}.{hint} Options: "
+                            f"{', '.join(accepted)}.")
+
+
+def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
+    """Builds the variant's module (call inside a Haiku transform). `overrides` replace entries
+    of the variant's configuration (e.g. stochastic_depth_rate=0.1)."""
+    info = model_info(name)
+    _check_overrides(info, overrides)
+    return info.builder(**{**info.config, "num_classes": num_classes, **overrides})
+
+
+def transformed(name: str, num_classes: int = 1000, **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits."""
+    _check_overrides(model_info(name), overrides)
+
+    def forward(images, is_training: bool):
+        return create(name, num_classes, **overrides)(images, is_training=is_training)
+
+    return hk.transform_with_state(forward)
+
+
+def transformed_features(name: str, **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of `features(images, is_training)`: the per-stage maps."""
+    _check_overrides(model_info(name), overrides)
+
+    def forward(images, is_training: bool):
+        return create(name, 0, **overrides).features(images, is_training=is_training)
+
+    return hk.transform_with_state(forward)
+
+
+from nets import convert  # noqa: E402  (convert needs the registry above)
+
+__all__ = ["ModelInfo", "Preprocessing", "convert", "create", "layers", "list_models",
+           "model_info", "transformed", "transformed_features"]

@@ -1,0 +1,376 @@
+"""Building blocks shared by the model families. Nothing here knows an architecture.
+
+Conventions: images and feature maps are channels-last (NHWC, or NTHWC for video), kernels HWIO.
+Parameters are float32; a layer computes in the dtype of its input (the compute-dtype policy),
+except BatchNorm, which always reduces in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Padding = Literal["torch", "same"] | int
+Lowering = Literal["auto", "native", "cpu"]
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+
+
+def check_images(images, model: str, channels: int, spatial_dims: int = 2) -> None:
+    """Raises a ValueError naming the expected shape when `images` is not [B, *spatial, C]."""
+    layout = "[batch, height, width, channels]" if spatial_dims == 2 else (
+        "[batch, time, height, width, channels]")
+    expected = f"{model} expects float images of shape {layout} with {channels} channels"
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != spatial_dims + 2:
+        raise ValueError(f"{expected}; got an array of rank {len(shape)} with shape {shape}.")
+    if shape[-1] != channels:
+        hint = ""
+        if shape[1] == channels:
+            hint = " The channels look like they come first: transpose NCHW to NHWC."
+        raise ValueError(f"{expected}; got shape {shape} with {shape[-1]} channels.{hint}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"{expected}; got dtype {images.dtype} (normalise the images first).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_padding(padding: Padding, in_size: Sequence[int], kernel: Sequence[int],
+                 stride: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """Explicit (low, high) padding per spatial dim.
+
+    "torch": symmetric, `dilation * (k - 1) // 2` on each side (PyTorch's usual `padding=k//2`).
+    "same": TensorFlow's SAME (output = ceil(in / stride), the odd pixel on the high side).
+    int: that many pixels on each side.
+    """
+    pads = []
+    for n, k, s, d in zip(in_size, kernel, stride, dilation):
+        extent = d * (k - 1) + 1
+        if padding == "torch":
+            pads.append((d * (k - 1) // 2,) * 2)
+        elif padding == "same":
+            total = max((-(-n // s) - 1) * s + extent - n, 0)
+            pads.append((total // 2, total - total // 2))
+        elif isinstance(padding, int):
+            pads.append((padding, padding))
+        else:
+            raise ValueError(f"padding must be 'torch', 'same' or an int, got {padding!r}")
+    return pads
+
+
+def default_lowering() -> str:
+    """XLA:CPU runs grouped and depthwise convs far slower than equivalent dense ops
+    (../shared/reference/cpu_conv_lowering.md); on GPU/TPU the native ops are right."""
+    return "cpu" if jax.default_backend() == "cpu" else "native"
+
+
+def conv(x, w, *, stride=1, padding: Padding = "torch", dilation=1, groups: int = 1,
+         lowering: Lowering = "auto"):
+    """N-d convolution, channels-last input and HWIO (DHWIO...) kernel of shape
+    (*kernel, C_in / groups, C_out). Every lowering computes the same function."""
+    nd = w.ndim - 2
+    tup = (lambda v: (v,) * nd if isinstance(v, int) else tuple(v))
+    stride, dilation, kernel = tup(stride), tup(dilation), w.shape[:nd]
+    pads = conv_padding(padding, x.shape[1:1 + nd], kernel, stride, dilation)
+    if lowering == "auto":
+        lowering = default_lowering()
+    c_in_per_group, c_out = w.shape[-2], w.shape[-1]
+    if lowering == "native":
+        return _native_conv(x, w, stride, pads, dilation, groups)
+    if lowering != "cpu":
+        raise ValueError(f"unknown conv lowering {lowering!r}; use 'auto', 'native' or 'cpu'")
+    if all(k == 1 for k in kernel):
+        return _pointwise_conv(x, w, stride, pads, groups)
+    if groups == 1:
+        return _native_conv(x, w, stride, pads, dilation, 1)
+    if c_in_per_group == 1:
+        return _depthwise_shifted(x, w, stride, pads, dilation, c_out // groups)
+    xs = jnp.split(x, groups, axis=-1)
+    ws = jnp.split(w, groups, axis=-1)
+    return jnp.concatenate(
+        [_native_conv(xi, wi, stride, pads, dilation, 1) for xi, wi in zip(xs, ws)], axis=-1)
+
+
+def _native_conv(x, w, stride, pads, dilation, groups):
+    nd = w.ndim - 2
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    return lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
+                                    dimension_numbers=dn, feature_group_count=groups)
+
+
+def _pointwise_conv(x, w, stride, pads, groups):
+    """A 1x1 conv is a matmul; XLA:CPU runs it up to 2.8x faster written as one."""
+    nd = w.ndim - 2
+    if any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), *(slice(None, None, s) for s in stride))]
+    w = w.reshape(w.shape[-2:])
+    if groups == 1:
+        return jnp.einsum("...c,co->...o", x, w)
+    c_in, c_out = x.shape[-1], w.shape[-1]
+    xg = x.reshape(*x.shape[:-1], groups, c_in // groups)
+    wg = w.reshape(c_in // groups, groups, c_out // groups).transpose(1, 0, 2)
+    y = jnp.einsum("...gc,gco->...go", xg, wg)
+    return y.reshape(*y.shape[:-2], c_out)
+
+
+def _depthwise_shifted(x, w, stride, pads, dilation, multiplier):
+    """Depthwise conv as kh*kw shifted multiply-adds (10-60x faster than XLA:CPU's native)."""
+    nd = w.ndim - 2
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    if multiplier > 1:  # output channel o reads input channel o // multiplier
+        x = jnp.repeat(x, multiplier, axis=-1)
+    kernel = w.shape[:nd]
+    out_size = [(x.shape[1 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                for i in range(nd)]
+    y = None
+    for offset in np.ndindex(*kernel):
+        start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
+        limit = ([x.shape[0]] + [s + (n - 1) * st + 1
+                                 for s, n, st in zip(start[1:-1], out_size, stride)]
+                 + [x.shape[-1]])
+        tap = lax.slice(x, start, limit, (1, *stride, 1)) * w[offset + (0,)]
+        y = tap if y is None else y + tap
+    return y
+
+
+class Conv(hk.Module):
+    """Convolution with native groups and dilation; 2-d by default, `ndim=3` for video.
+
+    Parameters: `w` of shape (*kernel, C_in / groups, C_out) and, with `with_bias`, `b` (C_out,).
+    The lowering (see `conv`) is chosen per backend; parameters and outputs do not depend on it.
+    """
+
+    def __init__(self, out_channels: int, kernel_size: int | Sequence[int], stride=1,
+                 padding: Padding = "torch", dilation=1, groups: int = 1,
+                 with_bias: bool = False, ndim: int = 2, w_init=None, b_init=None,
+                 lowering: Lowering = "auto", name: str | None = None):
+        super().__init__(name=name)
+        self.out_channels = out_channels
+        self.kernel = (kernel_size,) * ndim if isinstance(kernel_size, int) else tuple(
+            kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.with_bias, self.lowering = groups, with_bias, lowering
+        # He-normal over fan-out: the init of torchvision's and timm's CNNs.
+        self.w_init = w_init or hk.initializers.VarianceScaling(2.0, "fan_out", "normal")
+        self.b_init = b_init or jnp.zeros
+
+    def __call__(self, x):
+        c_in = x.shape[-1]
+        if c_in % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{self.module_name}: channels in {c_in} and out "
+                             f"{self.out_channels} must both divide by groups={self.groups}")
+        w = hk.get_parameter("w", (*self.kernel, c_in // self.groups, self.out_channels),
+                             jnp.float32, init=self.w_init)
+        y = conv(x, w.astype(x.dtype), stride=self.stride, padding=self.padding,
+                 dilation=self.dilation, groups=self.groups, lowering=self.lowering)
+        if self.with_bias:
+            y = y + hk.get_parameter("b", (self.out_channels,), jnp.float32,
+                                     init=self.b_init).astype(y.dtype)
+        return y
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default nn.Linear/nn.Conv init for weights and biases: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return hk.initializers.RandomUniform(-bound, bound)
+
+
+class Linear(hk.Module):
+    """Dense layer with float32 parameters `w` (C_in, C_out) and `b`, computing in the input's
+    dtype. Default init is PyTorch's nn.Linear (the classifier init of torchvision and timm)."""
+
+    def __init__(self, out_features: int, with_bias: bool = True, w_init=None, b_init=None,
+                 name: str | None = None):
+        super().__init__(name=name)
+        self.out_features, self.with_bias = out_features, with_bias
+        self.w_init, self.b_init = w_init, b_init
+
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        w = hk.get_parameter("w", (fan_in, self.out_features), jnp.float32,
+                             init=self.w_init or torch_linear_init(fan_in))
+        y = x @ w.astype(x.dtype)
+        if self.with_bias:
+            b = hk.get_parameter("b", (self.out_features,), jnp.float32,
+                                 init=self.b_init or torch_linear_init(fan_in))
+            y = y + b.astype(x.dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class BatchNorm(hk.Module):
+    """BatchNorm whose state is exactly the running mean and variance (no counters).
+
+    `decay` is the running-average decay: running = decay * running + (1 - decay) * batch.
+    PyTorch's momentum m is decay = 1 - m (torch: 0.9, eps 1e-5, unbiased running variance);
+    Keras' momentum is the decay itself (0.99, eps 1e-3, biased running variance).
+    Statistics are reduced in float32 over every axis but the last; under `jax.jit` with the
+    batch sharded across devices they are the global batch's (synchronised BatchNorm).
+    """
+
+    def __init__(self, decay: float = 0.9, eps: float = 1e-5, unbiased_running_var: bool = True,
+                 zero_init: bool = False, name: str | None = None):
+        super().__init__(name=name)
+        self.decay, self.eps = decay, eps
+        self.unbiased_running_var = unbiased_running_var
+        self.zero_init = zero_init
+
+    def __call__(self, x, is_training: bool):
+        c = x.shape[-1]
+        scale = hk.get_parameter("scale", (c,), jnp.float32,
+                                 init=jnp.zeros if self.zero_init else jnp.ones)
+        offset = hk.get_parameter("offset", (c,), jnp.float32, init=jnp.zeros)
+        running_mean = hk.get_state("mean", (c,), jnp.float32, init=jnp.zeros)
+        running_var = hk.get_state("var", (c,), jnp.float32, init=jnp.ones)
+        xf = x.astype(jnp.float32)
+        if is_training:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not hk.running_init():
+                n = math.prod(x.shape[:-1])
+                update_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
+                d = self.decay
+                hk.set_state("mean", d * running_mean + (1 - d) * mean)
+                hk.set_state("var", d * running_var + (1 - d) * update_var)
+        else:
+            mean, var = running_mean, running_var
+        inv = scale * lax.rsqrt(var + self.eps)
+        return (xf * inv + (offset - mean * inv)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention, regularisation, activations, pooling
+
+
+class SqueezeExcite(hk.Module):
+    """Squeeze-and-excitation: x * gate(fc2(act(fc1(mean over space of x)))).
+
+    Parameters `fc1` (C -> reduced_channels) and `fc2` (reduced -> C) are dense layers, with
+    biases unless `with_bias=False` (the SE paper's FCs have biases; some ports drop them).
+    """
+
+    def __init__(self, reduced_channels: int, with_bias: bool = True,
+                 activation: Callable = jax.nn.relu, gate: Callable = jax.nn.sigmoid,
+                 w_init=None, name: str | None = None):
+        super().__init__(name=name)
+        self.reduced_channels, self.with_bias = reduced_channels, with_bias
+        self.activation, self.gate, self.w_init = activation, gate, w_init
+
+    def __call__(self, x):
+        c = x.shape[-1]
+        s = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+        s = Linear(self.reduced_channels, self.with_bias, w_init=self.w_init, name="fc1")(s)
+        s = Linear(c, self.with_bias, w_init=self.w_init, name="fc2")(self.activation(s))
+        return x * self.gate(s).reshape(s.shape[0], *(1,) * (x.ndim - 2), c)
+
+
+def stochastic_depth(x, rate, is_training: bool, scale_at: str = "train"):
+    """Drops the residual branch `x` per sample with probability `rate`.
+
+    scale_at="train" (the default, as timm, torchvision and the NFNet code): kept samples are
+    scaled by 1 / (1 - rate) while training and the branch is untouched at test time, so the
+    eval network is the plain network. scale_at="test": the original paper (Huang et al. 2016)
+    trains with an unscaled 0/1 mask and multiplies the branch by its survival probability at
+    test time, i.e. ReLU(p * f(x) + x).
+    """
+    if scale_at not in ("train", "test"):
+        raise ValueError(f"scale_at must be 'train' or 'test', got {scale_at!r}")
+    if isinstance(rate, (int, float)) and rate == 0:
+        return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    if not is_training:
+        return x if scale_at == "train" else x * keep.astype(x.dtype)
+    mask = jax.random.bernoulli(hk.next_rng_key(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    mask = mask.astype(x.dtype)
+    return x * (mask / keep.astype(x.dtype)) if scale_at == "train" else x * mask
+
+
+def hard_sigmoid(x):
+    """PyTorch's Hardsigmoid: relu6(x + 3) / 6."""
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+def hard_swish(x):
+    return x * hard_sigmoid(x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "hard_swish": hard_swish,
+    "hard_sigmoid": hard_sigmoid,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+def activation(name: str) -> Callable:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def max_pool(x, window: int, stride: int, padding: Padding = 0):
+    """Max pooling over the spatial axes with PyTorch (int) or TF ("same") padding."""
+    nd = x.ndim - 2
+    pads = conv_padding(padding, x.shape[1:-1], (window,) * nd, (stride,) * nd, (1,) * nd)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *(window,) * nd, 1),
+                             (1, *(stride,) * nd, 1), [(0, 0), *pads, (0, 0)])
+
+
+def avg_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,
+             count_include_pad: bool = True):
+    """Average pooling with PyTorch's semantics (nn.AvgPool2d), including `ceil_mode`."""
+    nd = x.ndim - 2
+    pads = []
+    for n in x.shape[1:-1]:
+        span = n + 2 * padding - window
+        out = (-(-span // stride) if ceil_mode else span // stride) + 1
+        if ceil_mode and (out - 1) * stride >= n + padding:
+            out -= 1  # PyTorch: the last window must start inside the input or left padding
+        pads.append((padding, padding + max((out - 1) * stride + window - n - 2 * padding, 0)))
+    dims, strides = (1, *(window,) * nd, 1), (1, *(stride,) * nd, 1)
+    total = lax.reduce_window(x, 0.0, lax.add, dims, strides, [(0, 0), *pads, (0, 0)])
+    ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
+    if count_include_pad:  # zeros of the symmetric padding count, the ceil overhang does not
+        ones = jnp.pad(ones, [(0, 0), *[(padding, padding)] * nd, (0, 0)], constant_values=1)
+        count_pads = [(0, 0), *[(0, hi - padding) for _, hi in pads], (0, 0)]
+    else:
+        count_pads = [(0, 0), *pads, (0, 0)]
+    count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, count_pads)
+    return total / count
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+    """Rounds a channel count to a multiple of `divisor`, never dropping below `round_limit`
+    of the value (the rule of the MobileNet/EfficientNet/timm code)."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
