@@ -41,7 +41,8 @@ def shapes(name: str, num_classes: int = 1000, **overrides):
 
 
 def _torch_key(info, module_path: str, leaf: str, config) -> str:
-    dotted = ".".join(module_path.split("/~/")[1:])
+    # Haiku paths look like "resnet/~/layer1_0/conv1"; "~" marks method scopes.
+    dotted = ".".join(p for p in module_path.split("/")[1:] if not p.startswith("~"))
     return f"{info.torch_name(dotted, config)}.{_TORCH_LEAF[leaf]}"
 
 

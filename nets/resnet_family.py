@@ -38,10 +38,12 @@ class _Block(hk.Module):
         self.stochastic_depth_rate = stochastic_depth_rate
         self.opts = opts
 
+    @hk.name_like("__call__")
     def bn(self, name, zero_init=False):
         return layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"],
                                 zero_init=zero_init, name=name)
 
+    @hk.name_like("__call__")
     def shortcut(self, x, out_channels, is_training):
         if self.stride == 1 and x.shape[-1] == out_channels:
             return x
@@ -56,6 +58,7 @@ class _Block(hk.Module):
         x = layers.Conv(out_channels, 1, stride, name="downsample_conv")(x)
         return self.bn("downsample_bn")(x, is_training)
 
+    @hk.name_like("__call__")
     def finish(self, out, x, is_training):
         opts = self.opts
         if opts["attention"] == "se":
@@ -151,9 +154,11 @@ class ResNet(hk.Module):
                          zero_init_residual=zero_init_residual, bn_decay=bn_decay,
                          bn_eps=bn_eps, stochastic_depth_scale_at=stochastic_depth_scale_at)
 
+    @hk.name_like("__call__")
     def _bn(self, name):
         return layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"], name=name)
 
+    @hk.name_like("__call__")
     def _stem(self, x, is_training):
         if self.stem == "deep":
             for i, width in enumerate((self.stem_width, self.stem_width), start=1):
@@ -172,6 +177,7 @@ class ResNet(hk.Module):
             return [self.stochastic_depth_rate] * total
         return [self.stochastic_depth_rate * (i + 1) / total for i in range(total)]
 
+    @hk.name_like("__call__")
     def features(self, images, is_training: bool) -> dict[str, jax.Array]:
         layers.check_images(images, self.module_name, self.in_channels)
         x = self._stem(images, is_training)

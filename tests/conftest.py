@@ -1,0 +1,15 @@
+import json
+import pathlib
+
+import pytest
+
+# The reference figures live beside the repository (../shared); CI has them there.
+PARAMS_JSON = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "params.json"
+
+
+@pytest.fixture(scope="session")
+def reference_counts():
+    """{(source, name): row} from ../shared/reference/params.json."""
+    if not PARAMS_JSON.exists():
+        pytest.skip(f"{PARAMS_JSON} is not beside this checkout")
+    return {(r["source"], r["name"]): r for r in json.loads(PARAMS_JSON.read_text())}

@@ -1,0 +1,38 @@
+"""Importing the reference libraries the equivalence tests compare against."""
+
+import pytest
+
+
+def torch():
+    return pytest.importorskip("torch")
+
+
+def torchvision():
+    """torchvision 0.28's wheel is a CUDA build whose C ops do not load next to CPU torch; its
+    model definitions only need the Python side, so the fake-op registrations are skipped."""
+    torch_ = torch()
+    register_fake = torch_.library.register_fake
+    torch_.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        return pytest.importorskip("torchvision")
+    finally:
+        torch_.library.register_fake = register_fake
+
+
+def timm():
+    torchvision()  # timm imports torchvision
+    return pytest.importorskip("timm")
+
+
+def randomize_batchnorm(model, seed: int = 0) -> None:
+    """Random BN scales, offsets and running statistics, so that eval-mode BN is exercised."""
+    torch_ = torch()
+    gen = torch_.Generator().manual_seed(seed)
+    with torch_.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch_.nn.modules.batchnorm._BatchNorm):
+                c = module.num_features
+                module.weight.copy_(torch_.rand(c, generator=gen) * 0.5 + 0.25)
+                module.bias.copy_(torch_.randn(c, generator=gen) * 0.2)
+                module.running_mean.copy_(torch_.randn(c, generator=gen) * 0.2)
+                module.running_var.copy_(torch_.rand(c, generator=gen) + 0.5)
