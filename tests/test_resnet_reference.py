@@ -1,0 +1,113 @@
+"""ResNet-family outputs equal torchvision's and timm's on converted weights (random init with
+BN statistics randomised, eval mode), for logits and the four stage maps."""
+
+import jax
+import numpy as np
+import pytest
+
+import nets
+from tests import reference
+from tests.helpers import jitted_apply, random_images
+
+SIZE = 64  # small, to keep compiles cheap; every layer still sees a >= 2x2 map
+REFERENCES = {
+    "resnet18": lambda: reference.torchvision().models.resnet18(),
+    "resnet50": lambda: reference.torchvision().models.resnet50(),
+    "resnext50_32x4d": lambda: reference.torchvision().models.resnext50_32x4d(),
+    "seresnet50": lambda: reference.timm().create_model("seresnet50"),
+    "resnet50d": lambda: reference.timm().create_model("resnet50d"),
+}
+
+
+def _reference_model(name, **kwargs):
+    torch = reference.torch()
+    torch.manual_seed(0)
+    model = REFERENCES[name](**kwargs) if kwargs else REFERENCES[name]()
+    reference.randomize_batchnorm(model.eval())
+    return model
+
+
+def _run_reference(model, images):
+    """Logits and the outputs of layer1..layer4 (forward hooks)."""
+    torch = reference.torch()
+    maps = {}
+    hooks = [getattr(model, f"layer{i}").register_forward_hook(
+        lambda m, inp, out, i=i: maps.__setitem__(f"stage{i}", out.numpy().transpose(0, 2, 3, 1)))
+        for i in range(1, 5)]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    for hook in hooks:
+        hook.remove()
+    return logits, maps
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_logits_and_stage_maps_equal_the_reference(name):
+    model = _reference_model(name)
+    images = random_images(2, SIZE)
+    ref_logits, ref_maps = _run_reference(model, images)
+    params, state = nets.convert.from_torch(name, model.state_dict())
+    logits, _ = jitted_apply(name)(params, state, None, images, is_training=False)
+    assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    no_head = {k: v for k, v in params.items() if not k.endswith("/fc")}
+    maps, _ = jitted_apply(name, features=True)(no_head, state, None, images,
+                                                  is_training=False)
+    for stage, ref_map in ref_maps.items():
+        np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4, rtol=1e-4,
+                                   err_msg=stage)
+
+
+def test_training_mode_outputs_and_running_statistics_equal_torchvision():
+    torch = reference.torch()
+    model = _reference_model("resnet18").train()
+    images = random_images(4, 32, seed=3)
+    params, state = nets.convert.from_torch("resnet18", model.state_dict())
+    logits, new_state = jitted_apply("resnet18")(params, state, None, images, is_training=True)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+    _, ref_state = nets.convert.from_torch("resnet18", model.state_dict())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 new_state, ref_state)
+
+
+def test_dilated_resnet50_equals_torchvision():
+    tv = reference.torchvision()
+    torch = reference.torch()
+    torch.manual_seed(0)
+    model = tv.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    reference.randomize_batchnorm(model)
+    images = random_images(1, 32)
+    ref_logits, _ = _run_reference(model, images)
+    dilate = (False, True, True)
+    params, state = nets.convert.from_torch("resnet50", model.state_dict(),
+                                            replace_stride_with_dilation=dilate)
+    logits, _ = jitted_apply("resnet50", replace_stride_with_dilation=dilate)(
+        params, state, None, images, is_training=False)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
+
+
+def test_conversion_infers_num_classes_and_accepts_a_dataparallel_prefix():
+    torch = reference.torch()
+    model = reference.torchvision().models.resnet18(num_classes=7)
+    state_dict = {f"module.{k}": v for k, v in model.state_dict().items()}
+    params, _ = nets.convert.from_torch("resnet18", state_dict)
+    assert params["resnet/fc"]["w"].shape == (512, 7)
+    np.testing.assert_array_equal(params["resnet/fc"]["w"], model.fc.weight.detach().numpy().T)
+    no_head = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    params, _ = nets.convert.from_torch("resnet18", no_head)
+    assert "resnet/fc" not in params
+    del torch
+
+
+def test_conversion_of_another_models_weights_lists_what_does_not_fit():
+    tv = reference.torchvision()
+    with pytest.raises(ValueError) as error:
+        nets.convert.from_torch("resnet50", tv.models.resnet18().state_dict())
+    message = str(error.value)
+    assert "cannot convert this state dict into resnet50" in message
+    assert "missing" in message and "layer1.0.conv3.weight" in message
+    assert "shape mismatch" in message and "layer1.0.conv1.weight" in message
+    with pytest.raises(ValueError, match=r"unexpected \(\d+\): .*layer1.0.bn3.bias"):
+        nets.convert.from_torch("resnet18", tv.models.resnet50().state_dict())
