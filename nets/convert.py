@@ -40,6 +40,12 @@ def shapes(name: str, num_classes: int = 1000, **overrides):
     return jax.eval_shape(init, jax.random.key(0), example_images(name, **overrides))
 
 
+def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
+    """Trainable parameters of the variant, counted without computing anything."""
+    params, _ = shapes(name, num_classes, **overrides)
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
 def _torch_key(info, module_path: str, leaf: str, config) -> str:
     # Haiku paths look like "resnet/~/layer1_0/conv1"; "~" marks method scopes.
     dotted = ".".join(p for p in module_path.split("/")[1:] if not p.startswith("~"))

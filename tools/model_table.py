@@ -1,0 +1,31 @@
+"""The README's model table, from the registry: `python -m tools.model_table [--write]`."""
+
+import nets
+
+
+def model_table() -> str:
+    rows = ["| model | params | reference (params equal ours) | train / test px |",
+            "|---|---:|---|---|"]
+    for name in nets.list_models():
+        info = nets.model_info(name)
+        ours = nets.convert.count_params(name)
+        rows.append(f"| {name} | {ours:,} | {info.reference} | "
+                    f"{info.train_size} / {info.test_size} |")
+    return "\n".join(rows)
+
+
+
+
+def update_readme(path="README.md") -> None:
+    """Rewrites the table between the README's model-table markers."""
+    begin, end = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+    text = open(path).read()
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    open(path, "w").write(f"{head}{begin}\n{model_table()}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    update_readme() if "--write" in sys.argv else print(model_table())
