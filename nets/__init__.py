@@ -15,10 +15,10 @@ import inspect
 
 import haiku as hk
 
-from nets import layers, resnet_family
+from nets import layers, nfnet, resnet_family
 from nets.registry import ModelInfo, Preprocessing
 
-_FAMILIES = (resnet_family,)
+_FAMILIES = (resnet_family, nfnet)
 _MODELS: dict[str, ModelInfo] = {}
 for _family in _FAMILIES:
     for _info in _family.VARIANTS:
@@ -80,7 +80,27 @@ def transformed_features(name: str, **overrides) -> hk.TransformedWithState:
     return hk.transform_with_state(forward)
 
 
+# The role of each leaf, from the leaf names our layers give their parameters.
+_LEAF_ROLES = {"w": "weight", "b": "bias", "gain": "gain", "bias": "bias", "scale": "gain",
+               "offset": "bias", "skip_gain": "skip_gain"}
+
+
+def param_roles(name: str, params):
+    """The role of every parameter, for optimiser masks: "weight" (conv kernels and dense
+    weights), "gain" (WS gains, BN scales), "bias", "skip_gain", and "classifier_weight" /
+    "classifier_bias" for the head, which the variant's registry entry names."""
+    info = model_info(name)
+
+    def role(module, leaf):
+        if module.split("/", 1)[-1] == info.classifier:
+            return f"classifier_{_LEAF_ROLES[leaf]}"
+        return _LEAF_ROLES[leaf]
+
+    return {module: {leaf: role(module, leaf) for leaf in leaves}
+            for module, leaves in params.items()}
+
+
 from nets import convert  # noqa: E402  (convert needs the registry above)
 
 __all__ = ["ModelInfo", "Preprocessing", "convert", "create", "layers", "list_models",
-           "model_info", "transformed", "transformed_features"]
+           "model_info", "param_roles", "transformed", "transformed_features"]

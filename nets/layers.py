@@ -186,6 +186,51 @@ class Conv(hk.Module):
         return y
 
 
+class WSConv(hk.Module):
+    """Convolution with scaled weight standardisation (Brock et al. 2021, the NFNet code).
+
+    Per output channel o, over the kernel's (*kernel, C_in / groups) entries (N of them):
+    W_hat = (W - mean_o) * gain_o / sqrt(max(N * var_o, eps)), var the population variance.
+    Parameters `w` (init N(0, 1/fan_in)), `gain` (1) and `bias` (0), shapes as in `Conv`.
+    `eps_mode="add"` uses sqrt(N * (var_o + eps)) instead: timm's ScaledStdConv2d.
+    """
+
+    def __init__(self, out_channels: int, kernel_size: int | Sequence[int], stride=1,
+                 padding: Padding = "same", groups: int = 1, eps: float = 1e-4,
+                 eps_mode: str = "floor", lowering: Lowering = "auto", name: str | None = None):
+        super().__init__(name=name)
+        if eps_mode not in ("floor", "add"):
+            raise ValueError(f"eps_mode must be 'floor' or 'add', got {eps_mode!r}")
+        self.out_channels, self.kernel = out_channels, _pair(kernel_size)
+        self.stride, self.padding, self.groups = stride, padding, groups
+        self.eps, self.eps_mode, self.lowering = eps, eps_mode, lowering
+
+    def standardized_weight(self, c_in: int):
+        shape = (*self.kernel, c_in // self.groups, self.out_channels)
+        w = hk.get_parameter("w", shape, jnp.float32,
+                             init=hk.initializers.VarianceScaling(1.0, "fan_in", "normal"))
+        gain = hk.get_parameter("gain", (self.out_channels,), jnp.float32, init=jnp.ones)
+        fan_in = math.prod(shape[:-1])
+        mean = jnp.mean(w, axis=(0, 1, 2))
+        var = jnp.var(w, axis=(0, 1, 2))
+        if self.eps_mode == "floor":
+            scale = gain * lax.rsqrt(jnp.maximum(fan_in * var, self.eps))
+        else:
+            scale = gain * lax.rsqrt(fan_in * (var + self.eps))
+        return w * scale - mean * scale
+
+    def __call__(self, x):
+        c_in = x.shape[-1]
+        if c_in % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{self.module_name}: channels in {c_in} and out "
+                             f"{self.out_channels} must both divide by groups={self.groups}")
+        w = self.standardized_weight(c_in).astype(x.dtype)
+        bias = hk.get_parameter("bias", (self.out_channels,), jnp.float32, init=jnp.zeros)
+        y = conv(x, w, stride=self.stride, padding=self.padding, groups=self.groups,
+                 lowering=self.lowering)
+        return y + bias.astype(y.dtype)
+
+
 def torch_linear_init(fan_in: int):
     """PyTorch's default nn.Linear/nn.Conv init for weights and biases: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -288,19 +333,20 @@ class SqueezeExcite(hk.Module):
 def stochastic_depth(x, rate, is_training: bool, scale_at: str = "train"):
     """Drops the residual branch `x` per sample with probability `rate`.
 
-    scale_at="train" (the default, as timm, torchvision and the NFNet code): kept samples are
-    scaled by 1 / (1 - rate) while training and the branch is untouched at test time, so the
-    eval network is the plain network. scale_at="test": the original paper (Huang et al. 2016)
-    trains with an unscaled 0/1 mask and multiplies the branch by its survival probability at
-    test time, i.e. ReLU(p * f(x) + x).
+    scale_at="train" (the default, as timm and torchvision): kept samples are scaled by
+    1 / (1 - rate) while training and the branch is untouched at test time, so the eval network
+    is the plain network. scale_at="test": the original paper (Huang et al. 2016) trains with an
+    unscaled 0/1 mask and multiplies the branch by its survival probability at test time, i.e.
+    ReLU(p * f(x) + x). scale_at="none": an unscaled mask in training and the plain branch at
+    test time (the official NFNet code, "sans rescaling"). `rate` may be a traced array.
     """
-    if scale_at not in ("train", "test"):
-        raise ValueError(f"scale_at must be 'train' or 'test', got {scale_at!r}")
+    if scale_at not in ("train", "test", "none"):
+        raise ValueError(f"scale_at must be 'train', 'test' or 'none', got {scale_at!r}")
     if isinstance(rate, (int, float)) and rate == 0:
         return x
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     if not is_training:
-        return x if scale_at == "train" else x * keep.astype(x.dtype)
+        return x * keep.astype(x.dtype) if scale_at == "test" else x
     mask = jax.random.bernoulli(hk.next_rng_key(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     mask = mask.astype(x.dtype)
     return x * (mask / keep.astype(x.dtype)) if scale_at == "train" else x * mask

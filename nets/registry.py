@@ -48,4 +48,5 @@ class ModelInfo:
     test_size: int = 224
     preprocessing: Preprocessing = Preprocessing()
     feature_strides: tuple[int, ...] = (4, 8, 16, 32)
+    classifier: str = "fc"  # the head's module name, under the root module
     torch_name: Callable[[str, Mapping[str, Any]], str] | None = None
