@@ -10,6 +10,7 @@ unexpected or mismatched.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
+from nets import nfnet
 
 # Our leaf names -> PyTorch's parameter and buffer names.
 _TORCH_LEAF = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias",
-               "mean": "running_mean", "var": "running_var"}
+               "mean": "running_mean", "var": "running_var", "gain": "gain", "bias": "bias",
+               "skip_gain": "skipinit_gain"}
 _TORCH_IGNORED = ("num_batches_tracked",)
 
 
@@ -46,10 +49,17 @@ def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
-def _torch_key(info, module_path: str, leaf: str, config) -> str:
+def _module_path(module: str) -> str:
     # Haiku paths look like "resnet/~/layer1_0/conv1"; "~" marks method scopes.
-    dotted = ".".join(p for p in module_path.split("/")[1:] if not p.startswith("~"))
-    return f"{info.torch_name(dotted, config)}.{_TORCH_LEAF[leaf]}"
+    return ".".join(p for p in module.split("/")[1:] if not p.startswith("~"))
+
+
+def _torch_keys(info, module: str, leaf: str, config) -> list[str] | str:
+    """The reference's key for one of our leaves; a list (one per block) for stacked blocks."""
+    names = info.torch_name(_module_path(module), config)
+    if isinstance(names, str):
+        return f"{names}.{_TORCH_LEAF[leaf]}"
+    return [f"{n}.{_TORCH_LEAF[leaf]}" for n in names]
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -65,18 +75,68 @@ def _from_torch_layout(t: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
         return t[:, :, 0, 0].T
     if len(ours) == 2 and t.ndim == 2:  # nn.Linear (out, in) -> (in, out)
         return t.T
+    if len(ours) <= 1 and t.size == math.prod(ours):  # e.g. timm's WS gain (out, 1, 1, 1)
+        return t.reshape(ours)
     return t
 
 
-def _infer_num_classes(name, info, tensors, overrides) -> int:
-    config = {**info.config, **overrides}
+def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
+    """The checkpoint's head width: the head is what num_classes=1 has and 0 has not."""
     with_head, _ = shapes(name, 1, **overrides)
     without, _ = shapes(name, 0, **overrides)
     for module, leaves in with_head.items():
         if module not in without and "w" in leaves:
-            weight = tensors.get(_torch_key(info, module, "w", config))
-            return 0 if weight is None else int(weight.shape[0])
+            key = key_fn(module, "w")
+            weight = tensors.get(key if isinstance(key, str) else key[0])
+            return 0 if weight is None else int(weight.shape[classes_axis])
     return 0
+
+
+def _convert(name, tensors, key_fn, layout_fn, num_classes, overrides, what):
+    """Fills our (params, state) from `tensors` (a flat name -> array dict) or raises an error
+    that lists every missing, mismatched and unused tensor."""
+    params_shape, state_shape = shapes(name, num_classes, **overrides)
+    used, missing, mismatched = set(), [], []
+
+    def fetch(key, shape, where):
+        if key not in tensors:
+            missing.append(f"{key} (for {where})")
+            return None
+        used.add(key)
+        value = layout_fn(tensors[key], shape)
+        if value.shape != tuple(shape):
+            mismatched.append(f"{key}: {tensors[key].shape} cannot become {tuple(shape)} "
+                              f"({where})")
+            return None
+        return value
+
+    def convert(tree):
+        out = {}
+        for module, leaves in tree.items():
+            out[module] = {}
+            for leaf, spec in leaves.items():
+                keys, where = key_fn(module, leaf), f"{module}/{leaf}"
+                if isinstance(keys, str):
+                    value = fetch(keys, spec.shape, where)
+                else:  # blocks stacked under hk.layer_stack: one tensor per block
+                    values = [fetch(k, spec.shape[1:], where) for k in keys]
+                    value = None if any(v is None for v in values) else np.stack(values)
+                if value is not None:
+                    out[module][leaf] = jnp.asarray(value)
+        return out
+
+    params, state = convert(params_shape), convert(state_shape)
+    unexpected = sorted(set(tensors) - used)
+    if missing or mismatched or unexpected:
+        lines = [f"cannot convert this {what} into {name} (num_classes={num_classes}):"]
+        for title, items in (("missing", missing), ("shape mismatch", mismatched),
+                             ("unexpected", unexpected)):
+            if items:
+                shown = "; ".join(items[:10]) + (f"; ... {len(items) - 10} more"
+                                                 if len(items) > 10 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise ValueError("\n".join(lines))
+    return params, state
 
 
 def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
@@ -91,40 +151,62 @@ def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None
     for key, value in state_dict.items():
         if not key.endswith(_TORCH_IGNORED):
             tensors[key.removeprefix("module.")] = _to_numpy(value)
-    if num_classes is None:
-        num_classes = _infer_num_classes(name, info, tensors, overrides)
     config = {**info.config, **overrides}
-    params_shape, state_shape = shapes(name, num_classes, **overrides)
+    key_fn = functools.partial(_torch_keys, info, config=config)
+    if num_classes is None:
+        num_classes = _infer_num_classes(name, tensors, key_fn, 0, overrides)
+    return _convert(name, tensors, key_fn, _from_torch_layout, num_classes, overrides,
+                    "state dict")
 
-    used, missing, mismatched = set(), [], []
 
-    def convert(tree):
-        out = {}
-        for module, leaves in tree.items():
-            out[module] = {}
-            for leaf, spec in leaves.items():
-                key = _torch_key(info, module, leaf, config)
-                if key not in tensors:
-                    missing.append(f"{key} (for {module}/{leaf})")
-                    continue
-                used.add(key)
-                value = _from_torch_layout(tensors[key], spec.shape)
-                if value.shape != spec.shape:
-                    mismatched.append(f"{key}: {tensors[key].shape} cannot become {spec.shape} "
-                                      f"({module}/{leaf})")
-                    continue
-                out[module][leaf] = jnp.asarray(value)
-        return out
+# ----------------------------------------------------------------------------------------------
+# The official NFNet checkpoints: Haiku trees named "NFNet/~/nf_block_3/~/conv1" etc., HWIO.
 
-    params, state = convert(params_shape), convert(state_shape)
-    unexpected = sorted(set(tensors) - used)
-    if missing or mismatched or unexpected:
-        lines = [f"cannot convert this state dict into {name} (num_classes={num_classes}):"]
-        for title, items in (("missing", missing), ("shape mismatch", mismatched),
-                             ("unexpected", unexpected)):
-            if items:
-                shown = "; ".join(items[:10]) + (f"; ... {len(items) - 10} more"
-                                                 if len(items) > 10 else "")
-                lines.append(f"  {title} ({len(items)}): {shown}")
-        raise ValueError("\n".join(lines))
-    return params, state
+
+def _flatten_official(tree) -> dict[str, np.ndarray]:
+    """{module: {leaf: array}} or {"module/leaf": array} -> {"NFNet/nf_block_3/conv1/w": ...},
+    without Haiku's "~" scope markers (so either spelling of a name is accepted)."""
+    flat = {}
+    for key, value in tree.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for leaf, array in items:
+            name = f"{key}/{leaf}" if leaf is not None else key
+            flat["/".join(p for p in name.split("/") if p != "~")] = _to_numpy(array)
+    return flat
+
+
+def _official_keys(module: str, leaf: str, config) -> str | list[str]:
+    names = nfnet.official_name(_module_path(module), config)
+    if isinstance(names, str):
+        return f"NFNet/{names}/{leaf}"
+    return [f"NFNet/{n}/{leaf}" for n in names]
+
+
+def from_nfnet_official(name: str, tree: Mapping[str, Any], num_classes: int | None = None,
+                        **overrides):
+    """Loads a checkpoint of the official NFNet code (deepmind-research/nfnets: a Haiku params
+    tree, nested or flat) into `(params, state)` of an NFNet variant."""
+    info = nets.model_info(name)
+    if info.family != "nfnet":
+        raise ValueError(f"{name} is not an NFNet; the official NFNet layout does not apply.")
+    tensors = _flatten_official(tree)
+    key_fn = functools.partial(_official_keys, config={**info.config, **overrides})
+    if num_classes is None:
+        num_classes = _infer_num_classes(name, tensors, key_fn, -1, overrides)
+    return _convert(name, tensors, key_fn, lambda t, shape: t, num_classes, overrides,
+                    "official NFNet checkpoint")
+
+
+def to_nfnet_official(name: str, params, **overrides) -> dict[str, dict[str, np.ndarray]]:
+    """Our NFNet parameters in the official code's layout and Haiku names, for export."""
+    info = nets.model_info(name)
+    config = {**info.config, **overrides}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for module, leaves in params.items():
+        for leaf, value in leaves.items():
+            keys = _official_keys(module, leaf, config)
+            values = [value] if isinstance(keys, str) else list(value)
+            for key, array in zip([keys] if isinstance(keys, str) else keys, values):
+                official_module = "/~/".join(key.split("/")[:-1])
+                out.setdefault(official_module, {})[leaf] = np.asarray(array)
+    return out

@@ -14,6 +14,7 @@ Deliberate differences, each an option or invisible in outputs:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,11 @@ _FUNCTIONS = {
     "relu6": jax.nn.relu6, "selu": jax.nn.selu, "sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu,
     "soft_sign": jax.nn.soft_sign, "softplus": jax.nn.softplus, "tanh": jnp.tanh,
 }
+
+
+# Where WSConv's eps goes: the official floor on N * var, or timm's eps added to var.
+WS_CONVENTIONS = {"official": dict(eps=1e-4, eps_mode="floor"),
+                  "timm": dict(eps=1e-5, eps_mode="add")}
 
 
 def scaled_activation(name: str):
@@ -104,15 +110,11 @@ class NFBlock(hk.Module):
     """Pre-activation bottleneck with two grouped 3x3 convs, SE and SkipInit (§3.3)."""
 
     def __init__(self, spec: BlockSpec, alpha: float, se_ratio: float, activation: str,
-                 ws_eps_mode: str, name: str | None = None):
+                 ws_convention: str, name: str | None = None):
         super().__init__(name=name)
         self.spec, self.alpha, self.se_ratio = spec, alpha, se_ratio
         self.act = scaled_activation(activation)
-        self.ws_eps_mode = ws_eps_mode
-
-    def conv(self, channels, kernel, stride=1, groups=1, name=None):
-        return layers.WSConv(channels, kernel, stride, groups=groups,
-                             eps_mode=self.ws_eps_mode, name=name)
+        self.conv = functools.partial(layers.WSConv, **WS_CONVENTIONS[ws_convention])
 
     def __call__(self, x, beta, stochastic_depth_rate, is_training):
         spec = self.spec
@@ -123,8 +125,9 @@ class NFBlock(hk.Module):
         else:
             shortcut = x
         out = self.conv(spec.width, 1, name="conv0")(out)
-        out = self.conv(spec.width, 3, spec.stride, spec.groups, name="conv1")(self.act(out))
-        out = self.conv(spec.width, 3, 1, spec.groups, name="conv1b")(self.act(out))
+        out = self.conv(spec.width, 3, spec.stride, groups=spec.groups,
+                        name="conv1")(self.act(out))
+        out = self.conv(spec.width, 3, groups=spec.groups, name="conv1b")(self.act(out))
         out = self.conv(spec.out_channels, 1, name="conv2")(self.act(out))
         hidden = max(1, int(spec.out_channels * self.se_ratio))
         out = 2.0 * layers.SqueezeExcite(hidden, w_init=_haiku_linear_init, name="se")(out)
@@ -144,7 +147,8 @@ class NFNet(hk.Module):
         rate * i / N; drop_rate: dropout before the classifier (§6).
       activation: a name in GAMMA ("gelu" = tanh-approximate GELU, the official default);
       se_ratio: SE hidden units per output channel; width_multiplier scales the stage widths.
-      ws_eps_mode: "floor" (official) or "add" (timm) placement of WSConv's eps.
+      ws_convention: "official" (eps 1e-4 floors N * var) or "timm" (eps 1e-5 added to var,
+        timm's ScaledStdConv2d), see layers.WSConv.
       remat: rematerialise every block in the backward pass.
     """
 
@@ -153,22 +157,26 @@ class NFNet(hk.Module):
                  alpha: float = 0.2, stochastic_depth_rate: float = 0.25,
                  drop_rate: float = 0.2, activation: str = "gelu", se_ratio: float = 0.5,
                  width_multiplier: float = 1.0, final_conv_multiplier: float = 2.0,
-                 ws_eps_mode: str = "floor", remat: bool = False, in_channels: int = 3,
+                 ws_convention: str = "official", remat: bool = False, in_channels: int = 3,
                  name: str = "nfnet"):
         super().__init__(name=name)
+        if ws_convention not in WS_CONVENTIONS:
+            raise ValueError(f"ws_convention must be one of {sorted(WS_CONVENTIONS)}, "
+                             f"got {ws_convention!r}")
         self.specs = block_table(depths, widths, alpha, stochastic_depth_rate, width_multiplier)
         self.depths, self.widths = tuple(depths), tuple(widths)
         self.num_classes, self.alpha, self.drop_rate = num_classes, alpha, drop_rate
         self.activation, self.act = activation, scaled_activation(activation)
         self.se_ratio, self.final_conv_multiplier = se_ratio, final_conv_multiplier
-        self.ws_eps_mode, self.remat, self.in_channels = ws_eps_mode, remat, in_channels
+        self.remat, self.in_channels = remat, in_channels
+        # Partials, not methods: a Haiku method call would add its name to the module paths.
+        self._conv = functools.partial(layers.WSConv, **WS_CONVENTIONS[ws_convention])
+        self._block = functools.partial(NFBlock, alpha=alpha, se_ratio=se_ratio,
+                                        activation=activation, ws_convention=ws_convention)
 
-    def _conv(self, channels, kernel, stride=1, name=None):
-        return layers.WSConv(channels, kernel, stride, eps_mode=self.ws_eps_mode, name=name)
-
-    def _block(self, spec, name):
-        return NFBlock(spec, self.alpha, self.se_ratio, self.activation, self.ws_eps_mode,
-                       name=name)
+    def _maybe_remat(self, block):
+        # is_training (argument 3) is a Python bool, not an array.
+        return hk.remat(block, static_argnums=(3,)) if self.remat else block
 
     @hk.name_like("__call__")
     def _stages(self, images, is_training: bool, collect_variance: bool = False):
@@ -186,13 +194,13 @@ class NFNet(hk.Module):
         for stage in range(len(self.depths)):
             first, *rest = [s for s in self.specs if s.stage == stage]
             block = self._block(first, name=f"stage{stage + 1}_block0")
-            x = (hk.remat(block) if self.remat else block)(
-                x, first.beta, first.stochastic_depth_rate, is_training)
+            x = self._maybe_remat(block)(x, first.beta, first.stochastic_depth_rate,
+                                         is_training)
             variances = [variance(x)] if collect_variance else []
             if rest:
                 def body(x, beta, rate, spec=rest[0]):
                     block = self._block(spec, name="block")
-                    x = (hk.remat(block) if self.remat else block)(x, beta, rate, is_training)
+                    x = self._maybe_remat(block)(x, beta, rate, is_training)
                     return x, (variance(x) if collect_variance else None)
 
                 per_block = (jnp.asarray([s.beta for s in rest], jnp.float32),
@@ -247,6 +255,27 @@ def torch_name(path: str, config: Mapping[str, Any]) -> str | list[str]:
     if m[2] == "block0":
         return f"stages.{stage}.0{suffix}"
     return [f"stages.{stage}.{i}{suffix}" for i in range(1, config["depths"][stage])]
+
+
+def official_name(path: str, config: Mapping[str, Any]) -> str | list[str]:
+    """Our dotted module path -> the official code's module name(s) without "~" markers
+    (e.g. "nf_block_3/conv1", "nf_block_3/squeeze_excite/linear_1")."""
+    if re.fullmatch(r"stem_conv\d|final_conv|linear", path):
+        return path
+    m = re.fullmatch(r"stage(\d)_(block0|blocks\.block)((?:\.\w+)*)", path)
+    if not m:
+        raise KeyError(path)
+    stage, depths = int(m[1]) - 1, config["depths"]
+    renames = {"se": "squeeze_excite", "fc1": "linear", "fc2": "linear_1"}
+    inner = "".join(f"/{renames.get(p, p)}" for p in m[3].lstrip(".").split(".") if p)
+    first = sum(depths[:stage])  # global index of the stage's first block
+
+    def block(index):  # Haiku names the first instance "nf_block", then "nf_block_1", ...
+        return f"nf_block{f'_{index}' if index else ''}{inner}"
+
+    if m[2] == "block0":
+        return block(first)
+    return [block(first + i) for i in range(1, depths[stage])]
 
 
 # ----------------------------------------------------------------------------------------------
