@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 
 import haiku as hk
 
@@ -100,7 +101,19 @@ def param_roles(name: str, params):
             for module, leaves in params.items()}
 
 
+def stacked_axes(name: str, params):
+    """For every parameter, how many leading axes stack blocks (hk.layer_stack): 0 or 1."""
+    pattern = model_info(name).stacked_modules
+
+    def count(module):
+        path = ".".join(p for p in module.split("/")[1:] if not p.startswith("~"))
+        return int(bool(pattern and re.match(pattern, path)))
+
+    return {module: {leaf: count(module) for leaf in leaves}
+            for module, leaves in params.items()}
+
+
 from nets import convert  # noqa: E402  (convert needs the registry above)
 
 __all__ = ["ModelInfo", "Preprocessing", "convert", "create", "layers", "list_models",
-           "model_info", "param_roles", "transformed", "transformed_features"]
+           "model_info", "param_roles", "stacked_axes", "transformed", "transformed_features"]

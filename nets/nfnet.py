@@ -304,7 +304,8 @@ def _variant(k: int, plus: bool) -> ModelInfo:
         reference=f"deepmind-research:nfnets F{k}{'+' if plus else ''}",
         reference_params=total, reference_params_no_head=total - head,
         reference_bn_stat_elems=0, train_size=train, test_size=test,
-        preprocessing=_PREPROCESSING[k], classifier="linear", torch_name=torch_name)
+        preprocessing=_PREPROCESSING[k], classifier="linear", stacked_modules=r"stage\d_blocks\b",
+        torch_name=torch_name)
 
 
 VARIANTS = tuple(_variant(k, plus) for plus in (False, True) for k in range(8))

@@ -49,4 +49,7 @@ class ModelInfo:
     preprocessing: Preprocessing = Preprocessing()
     feature_strides: tuple[int, ...] = (4, 8, 16, 32)
     classifier: str = "fc"  # the head's module name, under the root module
+    # Our module paths (dotted, without the root) whose parameters stack blocks along a
+    # leading axis (hk.layer_stack); a regular expression matched at the path's start.
+    stacked_modules: str | None = None
     torch_name: Callable[[str, Mapping[str, Any]], str] | None = None

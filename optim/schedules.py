@@ -1,0 +1,26 @@
+"""Learning-rate schedules."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def scaled_learning_rate(base: float, batch_size: int, base_batch: int = 256) -> float:
+    """The linear scaling rule: base * batch / 256 (e.g. NFNets: 0.1 * 4096 / 256 = 1.6)."""
+    return base * batch_size / base_batch
+
+
+def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, end: float = 0.0):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to `end` at
+    `total_steps` (§11 of the NFNet spec). `warmup_steps` may be fractional (5 epochs of
+    1,281,167 images at batch 4096 is 1563.92 steps), which optax's warmup_cosine_decay_schedule
+    does not take; the step t counts the updates already applied."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        warm = peak * t / warmup_steps
+        progress = jnp.clip((t - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(t <= warmup_steps, warm, cosine)
+
+    return schedule

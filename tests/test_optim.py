@@ -1,0 +1,143 @@
+"""The NFNet optimizer against an independent NumPy implementation of nfnet_spec.md §10-12."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nets
+import optim
+
+
+def _numpy_unitwise_norm(x):
+    if np.squeeze(x).ndim <= 1:
+        return np.sqrt(np.sum(x ** 2))
+    axes = 0 if x.ndim in (2, 3) else (0, 1, 2)
+    return np.sqrt(np.sum(x ** 2, axis=axes, keepdims=True))
+
+
+def _numpy_agc(g, w, clipping=0.01, eps=1e-3):
+    max_norm = clipping * np.maximum(_numpy_unitwise_norm(w), eps)
+    g_norm = _numpy_unitwise_norm(g)
+    clipped = g * (max_norm / np.maximum(g_norm, 1e-6))
+    return np.where(g_norm > max_norm, clipped, g)
+
+
+def _numpy_sgd_agc(params, grads_per_step, roles, stacked, lr, clip_classifier_bias=True):
+    """§10.2 step by step: AGC on the raw gradient (per block for stacked leaves), coupled weight
+    decay on weights, momentum 0.9, Nesterov, W -= lr(t) * G."""
+    params = {k: v.copy() for k, v in params.items()}
+    momentum = {k: np.zeros_like(v) for k, v in params.items()}
+    for t, grads in enumerate(grads_per_step):
+        for k in params:
+            g, w, role = grads[k].copy(), params[k], roles[k]
+            if role != "classifier_weight" and (clip_classifier_bias or role != "classifier_bias"):
+                g = (np.stack([_numpy_agc(gi, wi) for gi, wi in zip(g, w)]) if stacked[k]
+                     else _numpy_agc(g, w))
+            if role in ("weight", "classifier_weight"):
+                g = g + 2e-5 * w
+            momentum[k] = 0.9 * momentum[k] + g
+            g = g + 0.9 * momentum[k]
+            params[k] = w - lr(t) * g
+    return params
+
+
+ROLES = {"conv": "weight", "stacked_conv": "weight", "gain": "gain", "stacked_bias": "bias",
+         "skip_gain": "skip_gain", "se": "weight", "fc_w": "classifier_weight",
+         "fc_b": "classifier_bias"}
+STACKED = {k: int(k.startswith("stacked")) for k in ROLES}
+
+
+def _problem(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {
+        "conv": rng.normal(size=(3, 3, 4, 8)) * 0.1,
+        "stacked_conv": rng.normal(size=(2, 3, 3, 4, 8)) * 0.1,
+        "gain": np.ones(8),
+        "stacked_bias": np.zeros((2, 8)),  # zero-initialised: clipped to 0.01 * eps
+        "skip_gain": np.zeros(()),
+        "se": rng.normal(size=(8, 4)) * 0.3,
+        "fc_w": rng.normal(size=(8, 5)) * 0.01,
+        "fc_b": np.zeros(5),
+    }
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    grads = [{k: (rng.normal(size=v.shape) * rng.choice([1e-4, 1.0, 10.0])).astype(np.float32)
+              for k, v in params.items()} for _ in range(5)]
+    return params, grads
+
+
+@pytest.mark.parametrize("clip_classifier_bias", [True, False])
+def test_sgd_agc_equals_the_numpy_reference_over_several_steps(clip_classifier_bias):
+    params, grads = _problem()
+    lr = optim.warmup_cosine(1.6, warmup_steps=2.5, total_steps=5)
+    tx = optim.nfnet_optimizer(ROLES, lr, stacked=STACKED,
+                               clip_classifier_bias=clip_classifier_bias)
+    ours = jax.tree.map(jnp.asarray, params)
+    state = tx.init(ours)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    for g in grads:
+        ours, state = step(ours, state, g)
+    expected = _numpy_sgd_agc(params, grads, ROLES, STACKED, lambda t: float(lr(t)),
+                              clip_classifier_bias)
+    for k in params:
+        np.testing.assert_allclose(ours[k], expected[k], rtol=2e-5, atol=1e-7, err_msg=k)
+
+
+def test_zero_initialised_parameters_are_clipped_to_the_eps_floor():
+    params = {"skip_gain": jnp.zeros(()), "w": jnp.ones((2, 3))}
+    grads = {"skip_gain": jnp.asarray(5.0), "w": jnp.full((2, 3), 100.0)}
+    clipped, _ = optim.adaptive_grad_clip(0.01).update(grads, None, params)
+    np.testing.assert_allclose(clipped["skip_gain"], 0.01 * 1e-3, rtol=1e-6)
+    # per output unit (column): norm of the clipped gradient = 0.01 * ||w column|| = 0.01 * sqrt 2
+    np.testing.assert_allclose(np.linalg.norm(clipped["w"], axis=0), 0.01 * np.sqrt(2), rtol=1e-5)
+
+
+def test_the_classifier_weight_is_not_clipped_and_gains_are_not_decayed():
+    params, grads = _problem(1)
+    tx = optim.nfnet_optimizer(ROLES, 1.0, stacked=STACKED, momentum=0.0)
+    ours, grad = jax.tree.map(jnp.asarray, (params, grads[0]))
+    updates, _ = tx.update(grad, tx.init(ours), ours)
+    np.testing.assert_allclose(updates["fc_w"], -(grads[0]["fc_w"] + 2e-5 * params["fc_w"]),
+                               rtol=1e-6)
+    zero_grad = jax.tree.map(jnp.zeros_like, ours)
+    updates, _ = tx.update(zero_grad, tx.init(ours), ours)
+    assert float(jnp.abs(updates["gain"]).max()) == 0.0
+    np.testing.assert_allclose(updates["conv"], -2e-5 * params["conv"], rtol=1e-6)
+
+
+def test_schedule_is_linear_from_zero_then_cosine_to_zero():
+    batch, epochs, images = 4096, 360, 1_281_167
+    peak = optim.scaled_learning_rate(0.1, batch)
+    total, warmup = images * epochs // batch, 5 * images / batch
+    lr = optim.warmup_cosine(peak, warmup, total)
+    assert peak == pytest.approx(1.6) and total == 112_602
+    assert float(lr(0)) == 0.0
+    assert float(lr(warmup / 2)) == pytest.approx(0.8, rel=1e-5)
+    assert float(lr(1563)) == pytest.approx(1.6 * 1563 / 1563.92, rel=1e-5)
+    assert float(lr(1564)) == pytest.approx(
+        0.8 * (1 + np.cos(np.pi * (1564 - warmup) / (total - warmup))), rel=1e-5)
+    assert float(lr(total)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ema_uses_the_tf1_warm_up():
+    assert float(optim.ema_decay(0, 0.99999)) == pytest.approx(0.1)
+    assert float(optim.ema_decay(90, 0.99999)) == pytest.approx(0.91)
+    assert float(optim.ema_decay(10**7, 0.99999)) == pytest.approx(0.99999)
+    ema = optim.ema_update({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, step=0)
+    np.testing.assert_allclose(ema["w"], [0.1, 0.1], rtol=1e-6)
+
+
+def test_nfnet_masks_come_from_the_models_roles():
+    params, _ = nets.convert.shapes("nfnet_f0", 10)
+    roles = nets.param_roles("nfnet_f0", params)
+    stacked = nets.stacked_axes("nfnet_f0", params)
+    assert stacked["nfnet/stage3_blocks/block/conv1"]["w"] == 1
+    assert stacked["nfnet/stage3_block0/conv1"]["w"] == 0
+    assert all(params[m][leaf].shape[0] == 5 for m in stacked for leaf in stacked[m]
+               if stacked[m][leaf] and m.startswith("nfnet/stage3"))
+    tx = optim.nfnet_optimizer(roles, 0.1, stacked=stacked)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    updates, _ = jax.eval_shape(tx.update, zeros, jax.eval_shape(tx.init, zeros), zeros)
+    assert jax.tree.map(lambda s: s.shape, updates) == jax.tree.map(lambda s: s.shape, params)
