@@ -1,15 +1,22 @@
-"""Train-step time of registered models, side by side with reference implementations.
+"""Train-step time, compile time and memory of registered models, side by side with reference
+implementations.
 
     python -m bench.train_step --models resnet50 --haiku-resnet50 --torch resnet50
+    python -m bench.train_step --models resnet50 nfnet_f0 --agc
+    python -m bench.train_step --models nfnet_f0 nfnet_f7 --size 64 --batch 2 --rounds 0
+    python -m bench.train_step --models nfnet_f1 nfnet_f1:remat --size 224 --rounds 0
 
-Each step is forward, backward and an SGD-momentum update at float32 on one batch. The
-implementations are timed interleaved (one step of each, round after round) so that machine
-noise hits them alike; the table gives medians and ratios to the first row.
+Each step is forward, backward and an update at float32 on one batch: SGD with momentum, or
+with --agc the NFNet optimizer (AGC + weight decay + Nesterov SGD) for our models. A model
+name may end in ":remat" (rematerialised blocks). The implementations are timed interleaved
+(one step of each, round after round) so that machine noise hits them alike; the table gives
+medians and ratios to the first row, the compile time of the step and XLA's memory estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -21,18 +28,21 @@ import numpy as np
 import optax
 
 import nets
+import optim
 
 
-def _jax_step(f, images, labels):
-    """A compiled train step of a transformed-with-state model; returns a thunk running one."""
-    params, state = f.init(jax.random.key(0), images, is_training=True)
-    optimizer = optax.sgd(0.01, momentum=0.9)
+def _jax_step(f, images, labels, optimizer=None):
+    """A compiled train step; returns (thunk running one step, compile seconds, memory)."""
+    params, state = jax.jit(functools.partial(f.init, is_training=True))(
+        jax.random.key(0), images)
+    optimizer = optimizer(params) if optimizer else optax.sgd(0.01, momentum=0.9)
     opt_state = optimizer.init(params)
+    rng = jax.random.key(1)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(params, state, opt_state):
         def loss_fn(params):
-            logits, state_ = f.apply(params, state, None, images, is_training=True)
+            logits, state_ = f.apply(params, state, rng, images, is_training=True)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state_
 
         (loss, state_), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -41,14 +51,29 @@ def _jax_step(f, images, labels):
 
     carry = [params, state, opt_state]
     start = time.perf_counter()
-    jax.block_until_ready(step.lower(*carry).compile())
+    compiled = step.lower(*carry).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
 
     def run():
-        *carry[:], loss = step(*carry)
+        *carry[:], loss = compiled(*carry)
         jax.block_until_ready(loss)
 
-    return run, compile_s
+    return run, compile_s, memory
+
+
+def _model(spec: str):
+    name, _, option = spec.partition(":")
+    if option not in ("", "remat"):
+        raise SystemExit(f"unknown model option {option!r} in {spec!r}; known: remat")
+    return name, nets.transformed(name, **({"remat": True} if option else {}))
+
+
+def _nfnet_optimizer(name):
+    def make(params):
+        return optim.nfnet_optimizer(nets.param_roles(name, params), 0.01,
+                                     stacked=nets.stacked_axes(name, params))
+    return make
 
 
 def haiku_resnet50(num_classes):
@@ -75,7 +100,7 @@ def _torch_step(name, batch, size, num_classes):
 
     start = time.perf_counter()
     run()
-    return run, time.perf_counter() - start
+    return run, time.perf_counter() - start, None
 
 
 def main(argv=None):
@@ -87,39 +112,51 @@ def main(argv=None):
                         help="torchvision model names to time (channels-last)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="timed rounds; 0 compiles and reports compile time and memory")
+    parser.add_argument("--agc", action="store_true",
+                        help="our models train with the NFNet optimizer (SGD-AGC)")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 1000, args.batch))
-    runs, compile_s = {}, {}
-    for name in args.models:
-        runs[name], compile_s[name] = _jax_step(nets.transformed(name), images, labels)
+    runs, compile_s, memory = {}, {}, {}
+    for spec in args.models:
+        name, f = _model(spec)
+        optimizer = _nfnet_optimizer(name) if args.agc else None
+        runs[spec], compile_s[spec], memory[spec] = _jax_step(f, images, labels, optimizer)
     if args.haiku_resnet50:
-        runs["hk.nets.ResNet50"], compile_s["hk.nets.ResNet50"] = _jax_step(
-            haiku_resnet50(1000), images, labels)
+        key = "hk.nets.ResNet50"
+        runs[key], compile_s[key], memory[key] = _jax_step(haiku_resnet50(1000), images, labels)
     for name in args.torch:
-        runs[f"torch {name}"], compile_s[f"torch {name}"] = _torch_step(
-            name, args.batch, args.size, 1000)
+        key = f"torch {name}"
+        runs[key], compile_s[key], memory[key] = _torch_step(name, args.batch, args.size, 1000)
 
     times = {k: [] for k in runs}
-    for run in runs.values():
-        run()  # warm-up
+    if args.rounds:
+        for run in runs.values():
+            run()  # warm-up
     for _ in range(args.rounds):
         for key, run in runs.items():
             start = time.perf_counter()
             run()
             times[key].append(time.perf_counter() - start)
 
-    first = statistics.median(times[next(iter(times))])
-    print(f"train step, batch {args.batch}, {args.size} px, float32, {jax.devices()[0]}, "
+    first = next(iter(runs))
+    print(f"train step, batch {args.batch}, {args.size} px, float32, "
+          f"{'SGD-AGC' if args.agc else 'SGD'}, {jax.devices()[0]}, "
           f"median of {args.rounds} interleaved rounds")
-    print("| implementation | step s (median) | ratio to first row | compile s |")
-    print("|---|---:|---:|---:|")
-    for key, values in times.items():
-        median = statistics.median(values)
-        print(f"| {key} | {median:.3f} | {median / first:.2f} | {compile_s[key]:.1f} |")
+    print("| implementation | step s (median) | step ratio | compile s | compile ratio "
+          "| XLA temp memory GiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key in runs:
+        step = statistics.median(times[key]) if times[key] else float("nan")
+        ratio = step / statistics.median(times[first]) if times[key] else float("nan")
+        temp = (f"{memory[key].temp_size_in_bytes / 2**30:.2f}" if memory[key] is not None
+                else "-")
+        print(f"| {key} | {step:.3f} | {ratio:.2f} | {compile_s[key]:.1f} | "
+              f"{compile_s[key] / compile_s[first]:.2f} | {temp} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ except BatchNorm, which always reduces in float32.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -18,7 +20,7 @@ import numpy as np
 from jax import lax
 
 Padding = Literal["torch", "same"] | int
-Lowering = Literal["auto", "native", "cpu"]
+Lowering = Literal["auto", "auto_in_loop", "native", "cpu", "cpu_loop"]
 
 # ----------------------------------------------------------------------------------------------
 # Input checks
@@ -72,10 +74,15 @@ def conv_padding(padding: Padding, in_size: Sequence[int], kernel: Sequence[int]
     return pads
 
 
-def default_lowering() -> str:
+def default_lowering(in_loop: bool = False) -> str:
     """XLA:CPU runs grouped and depthwise convs far slower than equivalent dense ops
-    (../shared/reference/cpu_conv_lowering.md); on GPU/TPU the native ops are right."""
-    return "cpu" if jax.default_backend() == "cpu" else "native"
+    (../shared/reference/cpu_conv_lowering.md), and conv gradients inside loops slower still;
+    on GPU/TPU the native ops are right. NETS_CONV_LOWERING=native|cpu overrides the choice."""
+    forced = os.environ.get("NETS_CONV_LOWERING")
+    if forced and forced not in ("native", "cpu"):
+        raise ValueError(f"NETS_CONV_LOWERING must be 'native' or 'cpu', got {forced!r}")
+    choice = forced or ("cpu" if jax.default_backend() == "cpu" else "native")
+    return "cpu_loop" if choice == "cpu" and in_loop else choice
 
 
 def conv(x, w, *, stride=1, padding: Padding = "torch", dilation=1, groups: int = 1,
@@ -86,28 +93,57 @@ def conv(x, w, *, stride=1, padding: Padding = "torch", dilation=1, groups: int 
     tup = (lambda v: (v,) * nd if isinstance(v, int) else tuple(v))
     stride, dilation, kernel = tup(stride), tup(dilation), w.shape[:nd]
     pads = conv_padding(padding, x.shape[1:1 + nd], kernel, stride, dilation)
-    if lowering == "auto":
-        lowering = default_lowering()
+    if lowering in ("auto", "auto_in_loop"):
+        lowering = default_lowering(in_loop=lowering == "auto_in_loop")
     c_in_per_group, c_out = w.shape[-2], w.shape[-1]
     if lowering == "native":
         return _native_conv(x, w, stride, pads, dilation, groups)
-    if lowering != "cpu":
-        raise ValueError(f"unknown conv lowering {lowering!r}; use 'auto', 'native' or 'cpu'")
+    if lowering not in ("cpu", "cpu_loop"):
+        raise ValueError(f"unknown conv lowering {lowering!r}; use one of {Lowering.__args__}")
     if all(k == 1 for k in kernel):
         return _pointwise_conv(x, w, stride, pads, groups)
-    if groups == 1:
-        return _native_conv(x, w, stride, pads, dilation, 1)
     if c_in_per_group == 1:
         return _depthwise_shifted(x, w, stride, pads, dilation, c_out // groups)
-    xs = jnp.split(x, groups, axis=-1)
-    ws = jnp.split(w, groups, axis=-1)
-    return jnp.concatenate(
-        [_native_conv(xi, wi, stride, pads, dilation, 1) for xi, wi in zip(xs, ws)], axis=-1)
+    if lowering == "cpu_loop" and c_in_per_group >= _MIN_MATMUL_DEPTH:
+        return _conv_with_matmul_grads(x, w, tuple(stride), tuple(map(tuple, pads)),
+                                       tuple(dilation), groups)
+    return _cpu_forward(x, w, stride, pads, dilation, groups)
+
+
+def _cpu_forward(x, w, stride, pads, dilation, groups):
+    if groups == 1:
+        return _native_conv(x, w, stride, pads, dilation, 1)
+    return _grouped_split(x, w, stride, pads, dilation, groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_with_matmul_grads(x, w, stride, pads, dilation, groups):
+    """XLA:CPU's forward conv, with gradients computed as the shifted matmuls' gradients.
+    Inside a loop (a scan over blocks) XLA:CPU runs its native conv's input gradient 6x and
+    weight gradient 35x slower than outside; matmuls keep their speed."""
+    return _cpu_forward(x, w, stride, pads, dilation, groups)
+
+
+def _conv_with_matmul_grads_fwd(x, w, stride, pads, dilation, groups):
+    return _cpu_forward(x, w, stride, pads, dilation, groups), (x, w)
+
+
+def _conv_with_matmul_grads_bwd(stride, pads, dilation, groups, residuals, dy):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda x, w: _shifted_matmuls(x, w, stride, pads, dilation, groups), x, w)
+    return vjp(dy)
+
+
+_conv_with_matmul_grads.defvjp(_conv_with_matmul_grads_fwd, _conv_with_matmul_grads_bwd)
+
+
+# Below this many input channels per group a tap's matmul is too thin to pay off (e.g. RGB stems).
+_MIN_MATMUL_DEPTH = 16
 
 
 def _native_conv(x, w, stride, pads, dilation, groups):
     nd = w.ndim - 2
-    spatial = "DHW"[-nd:] if nd <= 3 else None
+    spatial = "DHW"[-nd:]
     dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     return lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
                                     dimension_numbers=dn, feature_group_count=groups)
@@ -115,7 +151,6 @@ def _native_conv(x, w, stride, pads, dilation, groups):
 
 def _pointwise_conv(x, w, stride, pads, groups):
     """A 1x1 conv is a matmul; XLA:CPU runs it up to 2.8x faster written as one."""
-    nd = w.ndim - 2
     if any(p != (0, 0) for p in pads):
         x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
     if any(s != 1 for s in stride):
@@ -130,22 +165,58 @@ def _pointwise_conv(x, w, stride, pads, groups):
     return y.reshape(*y.shape[:-2], c_out)
 
 
-def _depthwise_shifted(x, w, stride, pads, dilation, multiplier):
-    """Depthwise conv as kh*kw shifted multiply-adds (10-60x faster than XLA:CPU's native)."""
-    nd = w.ndim - 2
+def _grouped_split(x, w, stride, pads, dilation, groups):
+    xs = jnp.split(x, groups, axis=-1)
+    ws = jnp.split(w, groups, axis=-1)
+    return jnp.concatenate(
+        [_native_conv(xi, wi, stride, pads, dilation, 1) for xi, wi in zip(xs, ws)], axis=-1)
+
+
+def _taps(x, kernel, stride, pads, dilation):
+    """Yields (kernel offset, the input window that offset multiplies) over the padded input."""
+    nd = len(kernel)
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    if multiplier > 1:  # output channel o reads input channel o // multiplier
-        x = jnp.repeat(x, multiplier, axis=-1)
-    kernel = w.shape[:nd]
     out_size = [(x.shape[1 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
                 for i in range(nd)]
-    y = None
     for offset in np.ndindex(*kernel):
         start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
         limit = ([x.shape[0]] + [s + (n - 1) * st + 1
                                  for s, n, st in zip(start[1:-1], out_size, stride)]
                  + [x.shape[-1]])
-        tap = lax.slice(x, start, limit, (1, *stride, 1)) * w[offset + (0,)]
+        yield offset, lax.slice(x, start, limit, (1, *stride, 1))
+
+
+def _shifted_matmuls(x, w, stride, pads, dilation, groups):
+    """A k x k conv as the sum over kernel taps of (shifted input) @ (tap's kernel). Grouped
+    convs put the groups first once, so that every tap is one batched matmul."""
+    kernel = w.shape[:-2]
+    n, c_in, c_out = x.shape[0], x.shape[-1], w.shape[-1]
+    if groups > 1:  # (N, *S, G*C) -> (G*N, *S, C)
+        x = jnp.moveaxis(x.reshape(*x.shape[:-1], groups, c_in // groups), -2, 0)
+        x = x.reshape(groups * n, *x.shape[2:])
+        w = w.reshape(*kernel, c_in // groups, groups, c_out // groups)
+    y = None
+    for offset, window in _taps(x, kernel, stride, pads, dilation):
+        if groups == 1:
+            out = jnp.einsum("...c,co->...o", window, w[offset])
+        else:
+            rows = window.reshape(groups, -1, c_in // groups)
+            out = jnp.einsum("gmc,cgo->gmo", rows, w[offset])
+        y = out if y is None else y + out
+    if groups == 1:
+        return y
+    out_spatial = window.shape[1:-1]
+    y = y.reshape(groups, n, *out_spatial, c_out // groups)
+    return jnp.moveaxis(y, 0, -2).reshape(n, *out_spatial, c_out)
+
+
+def _depthwise_shifted(x, w, stride, pads, dilation, multiplier):
+    """Depthwise conv as kh*kw shifted multiply-adds (10-60x faster than XLA:CPU's native)."""
+    if multiplier > 1:  # output channel o reads input channel o // multiplier
+        x = jnp.repeat(x, multiplier, axis=-1)
+    y = None
+    for offset, window in _taps(x, w.shape[:-2], stride, pads, dilation):
+        tap = window * w[offset + (0,)]
         y = tap if y is None else y + tap
     return y
 

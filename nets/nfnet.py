@@ -110,11 +110,12 @@ class NFBlock(hk.Module):
     """Pre-activation bottleneck with two grouped 3x3 convs, SE and SkipInit (§3.3)."""
 
     def __init__(self, spec: BlockSpec, alpha: float, se_ratio: float, activation: str,
-                 ws_convention: str, name: str | None = None):
+                 ws_convention: str, in_loop: bool = False, name: str | None = None):
         super().__init__(name=name)
         self.spec, self.alpha, self.se_ratio = spec, alpha, se_ratio
         self.act = scaled_activation(activation)
-        self.conv = functools.partial(layers.WSConv, **WS_CONVENTIONS[ws_convention])
+        self.conv = functools.partial(layers.WSConv, **WS_CONVENTIONS[ws_convention],
+                                      lowering="auto_in_loop" if in_loop else "auto")
 
     def __call__(self, x, beta, stochastic_depth_rate, is_training):
         spec = self.spec
@@ -199,7 +200,7 @@ class NFNet(hk.Module):
             variances = [variance(x)] if collect_variance else []
             if rest:
                 def body(x, beta, rate, spec=rest[0]):
-                    block = self._block(spec, name="block")
+                    block = self._block(spec, in_loop=True, name="block")
                     x = self._maybe_remat(block)(x, beta, rate, is_training)
                     return x, (variance(x) if collect_variance else None)
 
