@@ -1,14 +1,18 @@
 """Forward + backward time of single ops under each conv lowering on this backend.
 
-    python -m bench.conv_lowering
+    python -m bench.conv_lowering            # one op
+    python -m bench.conv_lowering --in-scan  # five ops in a row, unrolled and under lax.scan
 
 The "cpu" lowering (1x1 convs as matmuls, grouped convs split per group, depthwise convs as
-shifted multiply-adds) against XLA's native convolution; outputs are equal (tests/test_layers.py).
+shifted multiply-adds) and the "cpu_loop" lowering (the same forward, gradients as shifted
+matmuls, for bodies of scans) against XLA's native convolution; outputs are equal
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import jax
@@ -39,7 +43,53 @@ def _time(fn, *args, rounds=5):
     return statistics.median(times) * 1e3
 
 
+SCAN_CASES = {
+    "3x3 dense 768->768, 8x12x12": ((8, 12, 12, 768), (3, 3, 768, 768), 1),
+    "3x3 grouped 768 G6, 8x12x12 (NFNet)": ((8, 12, 12, 768), (3, 3, 128, 768), 6),
+    "1x1 768->768, 8x12x12": ((8, 12, 12, 768), (1, 1, 768, 768), 1),
+}
+
+
+def _time_chain(lowering, x, w, groups, scanned, rounds=3):
+    """Five residual layers x + tanh(conv(x, w_i)): gradient w.r.t. all weights and x."""
+    op = lambda x, w: x + jnp.tanh(layers.conv(x, w, padding="same", groups=groups,
+                                               lowering=lowering))
+
+    def loss(w, x):
+        if scanned:
+            return jnp.sum(jax.lax.scan(lambda x, wi: (op(x, wi), None), x, w)[0])
+        for i in range(w.shape[0]):
+            x = op(x, w[i])
+        return jnp.sum(x)
+
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    jax.block_until_ready(grad(w, x))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(grad(w, x))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def in_scan():
+    rng = np.random.default_rng(0)
+    print(f"five layers forward + backward, ms, median of 3, {jax.devices()[0]}")
+    print("| op | lowering | unrolled | under lax.scan |")
+    print("|---|---|---:|---:|")
+    for name, (x_shape, w_shape, groups) in SCAN_CASES.items():
+        x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(5, *w_shape)) * 0.01, jnp.float32)
+        for lowering in ("native", "cpu", "cpu_loop"):
+            if groups > 1 and lowering == "native":
+                continue  # the grouped native weight gradient alone takes seconds (table above)
+            times = [_time_chain(lowering, x, w, groups, s) for s in (False, True)]
+            print(f"| {name} | {lowering} | {times[0]:.0f} | {times[1]:.0f} |")
+
+
 def main():
+    if "--in-scan" in sys.argv:
+        return in_scan()
     rng = np.random.default_rng(0)
     print(f"forward + backward (dx, dw), ms, median of 5, {jax.devices()[0]}")
     print("| op | native | cpu lowering | speed-up |")

@@ -8,7 +8,7 @@ implementations.
 
 Each step is forward, backward and an update at float32 on one batch: SGD with momentum, or
 with --agc the NFNet optimizer (AGC + weight decay + Nesterov SGD) for our models. A model
-name may end in ":remat" (rematerialised blocks). The implementations are timed interleaved
+name may end in ":remat" (rematerialised blocks) or ":unrolled" (NFNet blocks not scanned). The implementations are timed interleaved
 (one step of each, round after round) so that machine noise hits them alike; the table gives
 medians and ratios to the first row, the compile time of the step and XLA's memory estimate.
 """
@@ -62,11 +62,14 @@ def _jax_step(f, images, labels, optimizer=None):
     return run, compile_s, memory
 
 
+MODEL_OPTIONS = {"": {}, "remat": {"remat": True}, "unrolled": {"scan_blocks": False}}
+
+
 def _model(spec: str):
     name, _, option = spec.partition(":")
-    if option not in ("", "remat"):
-        raise SystemExit(f"unknown model option {option!r} in {spec!r}; known: remat")
-    return name, nets.transformed(name, **({"remat": True} if option else {}))
+    if option not in MODEL_OPTIONS:
+        raise SystemExit(f"unknown model option {option!r} in {spec!r}; known: remat, unrolled")
+    return name, nets.transformed(name, **MODEL_OPTIONS[option])
 
 
 def _nfnet_optimizer(name):

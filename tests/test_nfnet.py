@@ -289,3 +289,14 @@ def test_activation_and_convention_options_are_checked():
                                                               is_training=True)
     np.testing.assert_allclose(nfnet.scaled_activation("relu")(jnp.array([-1.0, 2.0])),
                                [0.0, 2 * 1.7139588594436646])
+
+
+def test_unrolled_blocks_compute_what_scanned_blocks_do():
+    params = _random_params("nfnet_f0", 10)
+    params = jax.tree.map(lambda v: v * 0.1, params)
+    images = random_images(1, 32)
+    scanned, _ = jitted_apply("nfnet_f0", 10)(params, {}, None, images, is_training=False)
+    unrolled, _ = jitted_apply("nfnet_f0", 10, scan_blocks=False)(params, {}, None, images,
+                                                                 is_training=False)
+    assert np.abs(scanned).max() > 1e-3
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-6)
