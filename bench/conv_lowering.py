@@ -97,12 +97,14 @@ def main():
     for name, (x_shape, w_shape, stride, groups) in CASES.items():
         x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
         w = jnp.asarray(rng.normal(size=w_shape) * 0.1, jnp.float32)
-        t = {lowering: _time(lambda x, w, lowering=lowering: layers.conv(
-            x, w, stride=stride, groups=groups, lowering=lowering), x, w)
+        t = {lowering: _time(lambda x, w, lowering=lowering, stride=stride, groups=groups:
+                             layers.conv(x, w, stride=stride, groups=groups, lowering=lowering),
+                             x, w)
              for lowering in ("native", "cpu")}
         print(f"| {name} | {t['native']:.1f} | {t['cpu']:.1f} | {t['native'] / t['cpu']:.1f}x |")
     x = jnp.asarray(rng.normal(size=(8, 96, 96, 64)), jnp.float32)
-    print(f"| max-pool 3x3/2, 8x96x96x64 | {_time(lambda x, w: layers.max_pool(x, 3, 2, 1) * w, x, 1.0):.1f} | | |")
+    pool_ms = _time(lambda x, w: layers.max_pool(x, 3, 2, 1) * w, x, 1.0)
+    print(f"| max-pool 3x3/2, 8x96x96x64 | {pool_ms:.1f} | | |")
 
 
 if __name__ == "__main__":

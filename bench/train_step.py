@@ -8,9 +8,10 @@ implementations.
 
 Each step is forward, backward and an update at float32 on one batch: SGD with momentum, or
 with --agc the NFNet optimizer (AGC + weight decay + Nesterov SGD) for our models. A model
-name may end in ":remat" (rematerialised blocks) or ":unrolled" (NFNet blocks not scanned). The implementations are timed interleaved
-(one step of each, round after round) so that machine noise hits them alike; the table gives
-medians and ratios to the first row, the compile time of the step and XLA's memory estimate.
+name may end in ":remat" (rematerialised blocks) or ":unrolled" (NFNet blocks not scanned).
+The implementations are timed interleaved (one step of each, round after round) so that
+machine noise hits them alike; the table gives medians and ratios to the first row, the
+compile time of the step and XLA's memory estimate.
 """
 
 from __future__ import annotations

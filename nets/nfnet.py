@@ -123,7 +123,9 @@ class NFBlock(hk.Module):
         spec = self.spec
         out = self.act(x) * beta
         if spec.projection:
-            shortcut = layers.avg_pool(out, 2, 2, ceil_mode=True, count_include_pad=False) if spec.stride > 1 else out
+            shortcut = out
+            if spec.stride > 1:  # hk.avg_pool SAME: the padding is not averaged in
+                shortcut = layers.avg_pool(out, 2, 2, ceil_mode=True, count_include_pad=False)
             shortcut = self.conv(spec.out_channels, 1, name="conv_shortcut")(shortcut)
         else:
             shortcut = x
@@ -211,8 +213,11 @@ class NFNet(hk.Module):
 
                 per_block = (jnp.asarray([s.beta for s in rest], jnp.float32),
                              jnp.asarray([s.stochastic_depth_rate for s in rest], jnp.float32))
-                # Unrolled blocks keep the stacked parameters and names of scanned ones.
-                unroll = 1 if self.scan_blocks else len(rest)
+                # Unrolled blocks keep the stacked parameters and names of scanned ones. An
+                # unroll beyond the length leaves a loop of zero trips and every block in the
+                # remainder; unroll == length would keep them inside a one-trip loop, where
+                # XLA:CPU's conv gradients are slow.
+                unroll = 1 if self.scan_blocks else len(rest) + 1
                 x, ys = hk.layer_stack(len(rest), with_per_layer_inputs=True, unroll=unroll,
                                        name=f"stage{stage + 1}_blocks")(body)(x, *per_block)
                 if collect_variance:

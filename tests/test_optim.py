@@ -75,8 +75,11 @@ def test_sgd_agc_equals_the_numpy_reference_over_several_steps(clip_classifier_b
                                clip_classifier_bias=clip_classifier_bias)
     ours = jax.tree.map(jnp.asarray, params)
     state = tx.init(ours)
-    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-        *tx.update(g, s, p)))
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
     for g in grads:
         ours, state = step(ours, state, g)
     expected = _numpy_sgd_agc(params, grads, ROLES, STACKED, lambda t: float(lr(t)),

@@ -104,7 +104,7 @@ def test_stochastic_depth_rates_decay_linearly_to_the_last_block():
 
     linear = rates(stochastic_depth_rate=0.2)
     assert len(linear) == 16
-    np.testing.assert_allclose(linear, [0.2 * l / 16 for l in range(1, 17)])
+    np.testing.assert_allclose(linear, [0.2 * block / 16 for block in range(1, 17)])
     assert rates(stochastic_depth_rate=0.2, stochastic_depth_decay="uniform") == [0.2] * 16
 
 

@@ -19,10 +19,11 @@ def model_table() -> str:
 def update_readme(path="README.md") -> None:
     """Rewrites the table between the README's model-table markers."""
     begin, end = "<!-- model-table:begin -->", "<!-- model-table:end -->"
-    text = open(path).read()
-    head, rest = text.split(begin)
+    with open(path) as f:
+        head, rest = f.read().split(begin)
     _, tail = rest.split(end)
-    open(path, "w").write(f"{head}{begin}\n{model_table()}\n{end}{tail}")
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{model_table()}\n{end}{tail}")
 
 
 if __name__ == "__main__":
