@@ -17,7 +17,7 @@ import re
 import haiku as hk
 
 from nets import layers, nfnet, resnet_family
-from nets.registry import ModelInfo, Preprocessing
+from nets.registry import ModelInfo, Preprocessing, module_path
 
 _FAMILIES = (resnet_family, nfnet)
 _MODELS: dict[str, ModelInfo] = {}
@@ -106,8 +106,7 @@ def stacked_axes(name: str, params):
     pattern = model_info(name).stacked_modules
 
     def count(module):
-        path = ".".join(p for p in module.split("/")[1:] if not p.startswith("~"))
-        return int(bool(pattern and re.match(pattern, path)))
+        return int(bool(pattern and re.match(pattern, module_path(module))))
 
     return {module: {leaf: count(module) for leaf in leaves}
             for module, leaves in params.items()}

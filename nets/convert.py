@@ -20,6 +20,7 @@ import numpy as np
 
 import nets
 from nets import nfnet
+from nets.registry import module_path
 
 # Our leaf names -> PyTorch's parameter and buffer names.
 _TORCH_LEAF = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias",
@@ -49,14 +50,9 @@ def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
-def _module_path(module: str) -> str:
-    # Haiku paths look like "resnet/~/layer1_0/conv1"; "~" marks method scopes.
-    return ".".join(p for p in module.split("/")[1:] if not p.startswith("~"))
-
-
 def _torch_keys(info, module: str, leaf: str, config) -> list[str] | str:
     """The reference's key for one of our leaves; a list (one per block) for stacked blocks."""
-    names = info.torch_name(_module_path(module), config)
+    names = info.torch_name(module_path(module), config)
     if isinstance(names, str):
         return f"{names}.{_TORCH_LEAF[leaf]}"
     return [f"{n}.{_TORCH_LEAF[leaf]}" for n in names]
@@ -176,7 +172,7 @@ def _flatten_official(tree) -> dict[str, np.ndarray]:
 
 
 def _official_keys(module: str, leaf: str, config) -> str | list[str]:
-    names = nfnet.official_name(_module_path(module), config)
+    names = nfnet.official_name(module_path(module), config)
     if isinstance(names, str):
         return f"NFNet/{names}/{leaf}"
     return [f"NFNet/{n}/{leaf}" for n in names]

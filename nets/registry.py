@@ -53,3 +53,9 @@ class ModelInfo:
     # leading axis (hk.layer_stack); a regular expression matched at the path's start.
     stacked_modules: str | None = None
     torch_name: Callable[[str, Mapping[str, Any]], str] | None = None
+
+
+def module_path(haiku_path: str) -> str:
+    """A Haiku module path without its root module and "~" scope markers, dotted:
+    "resnet/~/layer1_0/conv1" -> "layer1_0.conv1". Registry name functions take these."""
+    return ".".join(p for p in haiku_path.split("/")[1:] if not p.startswith("~"))
