@@ -88,7 +88,11 @@ def default_lowering(in_loop: bool = False) -> str:
 def conv(x, w, *, stride=1, padding: Padding = "torch", dilation=1, groups: int = 1,
          lowering: Lowering = "auto"):
     """N-d convolution, channels-last input and HWIO (DHWIO...) kernel of shape
-    (*kernel, C_in / groups, C_out). Every lowering computes the same function."""
+    (*kernel, C_in / groups, C_out). Every lowering computes the same function:
+    "native" is XLA's convolution; "cpu" writes 1x1 convs as matmuls, grouped convs as one dense
+    conv per group and depthwise convs as shifted multiply-adds; "cpu_loop" is "cpu" with the
+    gradients of k x k convs computed as shifted matmuls, for bodies of scans; "auto" and
+    "auto_in_loop" pick by backend (`default_lowering`)."""
     nd = w.ndim - 2
     tup = (lambda v: (v,) * nd if isinstance(v, int) else tuple(v))
     stride, dilation, kernel = tup(stride), tup(dilation), w.shape[:nd]

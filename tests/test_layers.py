@@ -188,6 +188,12 @@ def test_stochastic_depth_paper_mode_scales_at_test_time():
         _drop(x, 0.2, False, "never")
 
 
+def test_stochastic_depth_without_rescaling_as_the_nfnet_code():
+    x = np.ones((1000, 1, 1, 2), np.float32)
+    assert set(np.unique(_drop(x, 0.5, True, "none"))) == {0.0, 1.0}
+    np.testing.assert_array_equal(_drop(x, 0.5, False, "none"), x)
+
+
 def test_make_divisible_follows_the_mobilenet_rule():
     assert [layers.make_divisible(v) for v in (16, 20, 30, 37, 3)] == [16, 24, 32, 40, 8]
     assert layers.make_divisible(256 / 16, 8, round_limit=0.0) == 16
