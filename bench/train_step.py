@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 
 import haiku as hk
@@ -87,7 +86,6 @@ def haiku_resnet50(num_classes):
 
 
 def _torch_step(name, batch, size, num_classes):
-    sys.path.insert(0, "tests")
     from tests import reference  # the torchvision import workaround lives there
 
     torch = reference.torch()

@@ -427,15 +427,6 @@ def stochastic_depth(x, rate, is_training: bool, scale_at: str = "train"):
     return x * (mask / keep.astype(x.dtype)) if scale_at == "train" else x * mask
 
 
-def hard_sigmoid(x):
-    """PyTorch's Hardsigmoid: relu6(x + 3) / 6."""
-    return jax.nn.relu6(x + 3.0) / 6.0
-
-
-def hard_swish(x):
-    return x * hard_sigmoid(x)
-
-
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
@@ -444,8 +435,8 @@ ACTIVATIONS: dict[str, Callable] = {
     "swish": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "hard_swish": hard_swish,
-    "hard_sigmoid": hard_sigmoid,
+    "hard_swish": jax.nn.hard_swish,  # x * relu6(x + 3) / 6, as PyTorch's Hardswish
+    "hard_sigmoid": jax.nn.hard_sigmoid,
     "sigmoid": jax.nn.sigmoid,
 }
 
