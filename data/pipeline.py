@@ -21,7 +21,8 @@ from data import augment, sources
 _PERMUTATION_STREAM, _EXAMPLE_STREAM, _MIX_STREAM = 0, 1, 2
 # Steps a train iterator can run; far beyond any run, and finite because grain needs a length.
 _MAX_STEPS = 2**40
-_THREADS_PER_PROCESS = 4
+# Threads build whole batches, one each; decoding (PIL) releases the GIL.
+_MAX_THREADS = 16
 _THREADS_PER_WORKER = 2
 _PREFETCH_BATCHES = 4
 
@@ -188,7 +189,7 @@ def _iterate(steps: grain.MapDataset, workers: int) -> grain.DatasetIterator:
         # Workers take whole steps round-robin and grain re-serialises them in order.
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     else:
-        threads = max(1, min(_THREADS_PER_PROCESS, os.cpu_count() or 1))
+        threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1))
         dataset = steps.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=max(threads, _PREFETCH_BATCHES)))
     return iter(dataset)
