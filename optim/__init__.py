@@ -2,7 +2,7 @@
 
 from optim.agc import adaptive_grad_clip, nfnet_optimizer
 from optim.ema import ema_decay, ema_update
-from optim.schedules import scaled_learning_rate, warmup_cosine
+from optim.schedules import scaled_learning_rate, warmup_cosine, warmup_step_decay
 
 __all__ = ["adaptive_grad_clip", "ema_decay", "ema_update", "nfnet_optimizer",
-           "scaled_learning_rate", "warmup_cosine"]
+           "scaled_learning_rate", "warmup_cosine", "warmup_step_decay"]

@@ -42,8 +42,8 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, mask: Any = None,
 
 def nfnet_optimizer(roles: Any, learning_rate: optax.ScalarOrSchedule, *, stacked: Any = None,
                     clipping: float = 0.01, eps: float = 1e-3, weight_decay: float = 2e-5,
-                    momentum: float = 0.9, clip_classifier_bias: bool = True
-                    ) -> optax.GradientTransformation:
+                    momentum: float = 0.9, clip_classifier_bias: bool = True,
+                    decay_roles=DECAYED_ROLES) -> optax.GradientTransformation:
     """SGD-AGC of the NFNet paper: AGC on every parameter but the classifier weight, then
     coupled weight decay on weights only (not gains, biases or skip gains), then SGD with
     Nesterov momentum. The paper says not to clip the final linear layer; the official code
@@ -51,7 +51,7 @@ def nfnet_optimizer(roles: Any, learning_rate: optax.ScalarOrSchedule, *, stacke
     the code)."""
     unclipped = ("classifier_weight",) + (() if clip_classifier_bias else ("classifier_bias",))
     clip_mask = jax.tree.map(lambda role: role not in unclipped, roles)
-    decay_mask = jax.tree.map(lambda role: role in DECAYED_ROLES, roles)
+    decay_mask = jax.tree.map(lambda role: role in decay_roles, roles)
     return optax.chain(
         adaptive_grad_clip(clipping, eps, mask=clip_mask, stacked=stacked),
         optax.masked(optax.add_decayed_weights(weight_decay), decay_mask),

@@ -18,9 +18,25 @@ def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, end: float
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
-        warm = peak * t / warmup_steps
         progress = jnp.clip((t - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
         cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(t <= warmup_steps, warm, cosine)
+        if warmup_steps <= 0:
+            return cosine
+        return jnp.where(t <= warmup_steps, peak * t / warmup_steps, cosine)
+
+    return schedule
+
+
+def warmup_step_decay(peak: float, warmup_steps: float, boundaries, factor: float = 0.1):
+    """Linear warm-up from 0 to `peak` over `warmup_steps` (none if 0), then `peak` multiplied
+    by `factor` at each step in `boundaries` (the ResNet recipe: x0.1 at epochs 30, 60, 80)."""
+    boundaries = jnp.asarray(sorted(boundaries), jnp.float32)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        decayed = peak * factor ** jnp.sum(t >= boundaries).astype(jnp.float32)
+        if warmup_steps <= 0:
+            return decayed
+        return jnp.where(t < warmup_steps, peak * t / warmup_steps, decayed)
 
     return schedule

@@ -1,0 +1,102 @@
+"""The config schema every experiment fills in, and the `:local` shrink.
+
+An experiment file defines `get_config(arg)` and returns a ConfigDict built from `base()`; the
+trainer locks it, so `--config.field=value` can change a field but never add one (a mistyped key
+is an error with a suggestion).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    c.model = ""
+    c.model_kwargs = ml_collections.ConfigDict()  # keyword overrides for nets.create
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="imagenet2012",        # TFDS name[:version]
+        data_dir="",                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+        train_split="train",
+        eval_split="validation",
+        num_classes=1000,
+        train_size=224,
+        test_size=224,
+        eval_preprocess="resize_shorter_crop",   # or "resize_crop_32" (NFNet)
+        crop_fraction=0.875,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        random_resized_crop=True,
+        min_area=0.08,
+        flip=True,
+        mixup_alpha=0.0,            # > 0: MixUp on half of every batch
+        cutmix=False,               # CutMix on the other half
+        randaugment_layers=0,
+        randaugment_magnitude=0.0,
+        workers=0,                  # > 0: grain worker processes for decoding and augmentation
+    ))
+
+    c.batch_size = 256              # global, over all devices and hosts
+    c.eval_batch_size = 250
+    c.num_epochs = 90.0
+    c.num_steps = 0                 # > 0 overrides num_epochs
+    c.label_smoothing = 0.0
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd",                 # "sgd" or "sgd_agc" (the NFNet optimizer)
+        base_lr=0.1,                # peak lr = base_lr * batch_size / lr_batch_base
+        lr_batch_base=256,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        decay_roles=("weight", "gain", "bias", "classifier_weight", "classifier_bias"),
+        agc_clipping=0.01,          # sgd_agc only
+        agc_eps=1e-3,
+        schedule="cosine",          # "cosine" or "step"
+        warmup_epochs=0.0,
+        step_epochs=(30.0, 60.0, 80.0),   # "step": lr x step_factor at each
+        step_factor=0.1,
+    ))
+    c.ema_decay = 0.0               # > 0: keep an EMA of params and model state (tf1 warm-up)
+
+    c.compute_dtype = "auto"        # "auto": bfloat16 on accelerators, float32 on CPU
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 0                # 0: evaluate only at the end
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def local(c: ml_collections.ConfigDict, *, size: int = 32, batch: int = 64,
+          epochs: float = 10.0) -> ml_collections.ConfigDict:
+    """The same architecture and recipe shape, on the built-in dataset (scikit-learn's digits
+    prepared as a TFDS array_record dataset) at `size` px: a few minutes on a 2-core CPU."""
+    c.data.update(dict(
+        name="sklearn_digits", train_split="train", eval_split="test", num_classes=10,
+        train_size=size, test_size=size, eval_preprocess="resize_shorter_crop",
+        crop_fraction=1.0, interpolation="bilinear",
+        # Digits are not mirror-symmetric and fill the frame: mild crops, no flips.
+        random_resized_crop=True, min_area=0.5, flip=False, randaugment_layers=0,
+    ))
+    c.batch_size = batch
+    c.eval_batch_size = 120
+    c.num_epochs = epochs
+    c.optimizer.lr_batch_base = 256
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.eval_every = 0
+    c.compute_dtype = "auto"
+    return c
+
+
+def parse_arg(arg: str | None) -> set[str]:
+    """`--config file.py:local,foo` -> {"local", "foo"}."""
+    return {a for a in (arg or "").split(",") if a}

@@ -1,0 +1,7 @@
+"""NFNet-F1 on ImageNet, the paper's recipe (see experiments/nfnet.py); `:local` for a CPU."""
+
+from experiments.nfnet import recipe
+
+
+def get_config(arg=None):
+    return recipe(1, arg)

@@ -1,0 +1,181 @@
+"""The training loop: build everything from the config, resume from the workdir's newest
+checkpoint, train, checkpoint, evaluate, stop cleanly on SIGTERM and on a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import data
+import nets
+from training import checkpoint, distributed, metrics, optimizers, steps
+from training.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM (what schedulers send before they preempt) asks the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _validate(config: ml_collections.ConfigDict, mesh) -> None:
+    nets.model_info(config.model)   # an unknown name lists close ones
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % mesh.size:
+            raise ValueError(f"config.{field}={config[field]} must be a multiple of the "
+                             f"{mesh.size} devices the batch is sharded over")
+
+
+def init_state(config, model, optimizer_fn, mesh) -> tuple[TrainState, object]:
+    """The initial state, built under jit straight into its replicated sharding."""
+    size = config.data.train_size
+    key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(key)
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    params, model_state = jax.jit(
+        lambda k: model.init(k, images, is_training=True),
+        out_shardings=distributed.replicated(mesh))(init_key)
+    optimizer = optimizer_fn(params)
+    ema = config.ema_decay > 0
+
+    def build(params, model_state):
+        return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(step_key),
+                          params=params, model_state=model_state,
+                          opt_state=optimizer.init(params),
+                          ema_params=params if ema else None,
+                          ema_model_state=model_state if ema else None)
+
+    state = jax.jit(build, out_shardings=distributed.replicated(mesh))(params, model_state)
+    return state, optimizer
+
+
+def evaluate(config, eval_fn, state: TrainState, mesh) -> dict[str, dict]:
+    """Top-1, top-5 and cross-entropy over the whole eval split, for the params and (when kept)
+    their EMA."""
+    variants = {"eval": (state.params, state.model_state)}
+    if state.ema_params is not None:
+        variants["eval_ema"] = (state.ema_params, state.ema_model_state)
+    sums = {name: None for name in variants}
+    sharding = distributed.batch_sharded(mesh)
+    for local in data.eval_batches(config.data, global_batch=config.eval_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+        batch = distributed.global_batch(local, sharding)
+        for name, (params, model_state) in variants.items():
+            out = eval_fn(params, model_state, batch)
+            sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
+    results = {}
+    for name, total in jax.device_get(sums).items():
+        count = float(total["count"])
+        results[name] = {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
+                         "loss": float(total["loss"]) / count, "count": count}
+    return results
+
+
+def _check_finite(step_metrics: dict, step: int, ckpt: checkpoint.Checkpoints) -> None:
+    loss, param_norm = float(step_metrics["loss"]), float(step_metrics["param_norm"])
+    if math.isfinite(loss) and math.isfinite(param_norm):
+        return
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint (step {last}) stays in {ckpt.directory}" if last
+            else "no checkpoint was written yet")
+    what = f"loss {loss}" if not math.isfinite(loss) else f"parameter norm {param_norm}"
+    raise NonFiniteLossError(
+        f"{what} at step {step}: training stopped; {kept}. Lower the learning rate "
+        "(config.optimizer.base_lr) or check the input data.")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains to the end of the schedule (or until SIGTERM) and returns the final evaluation
+    ({"eval": {...}, "eval_ema": {...}}; empty when preempted)."""
+    mesh = distributed.data_mesh()
+    _validate(config, mesh)
+    dtype = steps.compute_dtype(config.compute_dtype)
+    train_data = data.train_iterator(config.data, global_batch=config.batch_size,
+                                     seed=config.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    steps_per_epoch = train_data.num_examples / config.batch_size
+    total_steps = config.num_steps or max(1, round(config.num_epochs * steps_per_epoch))
+
+    model = nets.transformed(config.model, num_classes=config.data.num_classes,
+                             **config.model_kwargs.to_dict())
+    schedule = optimizers.learning_rate(config.optimizer, config.batch_size, steps_per_epoch,
+                                        total_steps)
+    state, optimizer = init_state(
+        config, model, lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule),
+        mesh)
+    ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
+                                  checkpoint.model_signature(config, state.params),
+                                  config.to_json())
+    report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size)
+
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(start, state)
+        train_data.set_state(data_state)
+        report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    report.print(
+        f"training {config.model} ({nets.convert.count_params(config.model, config.data.num_classes):,} "
+        f"parameters) on {config.data.name} for {total_steps} steps of {config.batch_size} "
+        f"images ({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} "
+        f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), computing "
+        f"in {jnp.dtype(dtype).name}")
+
+    train_fn = steps.train_step(model, optimizer, schedule, dtype=dtype,
+                                label_smoothing=config.label_smoothing,
+                                ema_decay=config.ema_decay, mesh=mesh)
+    eval_fn = steps.eval_step(model, mesh)
+    sharding = distributed.batch_sharded(mesh)
+    preemption = _Preemption()
+    history, previous = [], None
+    report.start(start)
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = distributed.global_batch(next(train_data), sharding)
+            state, step_metrics = train_fn(state, batch)
+            history.append(step_metrics)
+            if previous is not None:   # one step behind, so the host never stalls the devices
+                _check_finite(previous, step - 1, ckpt)
+            previous = step_metrics
+            last = step == total_steps
+            if step % config.log_every == 0 or last:
+                _check_finite(step_metrics, step, ckpt)
+                report.train(step, history)
+                history = []
+            stop = distributed.any_process(preemption.requested)
+            if stop or last or step % config.checkpoint_every == 0:
+                _check_finite(step_metrics, step, ckpt)
+                ckpt.save(step, state, train_data.get_state())
+            if stop:
+                ckpt.wait()
+                report.print(f"SIGTERM: saved the checkpoint at step {step} in "
+                             f"{ckpt.directory}; run the same command to resume")
+                return {}
+            if config.eval_every and step % config.eval_every == 0 and not last:
+                report.eval(step, evaluate(config, eval_fn, state, mesh))
+        results = evaluate(config, eval_fn, state, mesh)
+        report.eval(total_steps, results)
+        return results
+    finally:
+        preemption.restore()
+        ckpt.wait()
+        ckpt.close()
+        report.close()

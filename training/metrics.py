@@ -1,0 +1,86 @@
+"""What a run reports: a progress line, TensorBoard scalars and `metrics.jsonl` in the workdir
+(one JSON object per line, the file tools plot from). Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def mean_metrics(history: list[dict]) -> dict:
+    """Means over the steps since the last report (fetched from the devices in one go)."""
+    history = jax.device_get(history)
+    return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+
+
+class Reporter:
+    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: float, batch_size: int):
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.batch_size = batch_size
+        self.enabled = jax.process_index() == 0
+        self._jsonl = self._tensorboard = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._mark = None
+
+    def print(self, *args) -> None:
+        if self.enabled:
+            print(*args, flush=True)
+
+    def start(self, step: int) -> None:
+        self._mark = (time.perf_counter(), step)
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def train(self, step: int, history: list[dict]) -> None:
+        """One progress line for the steps up to `step`; resets the throughput clock."""
+        means = mean_metrics(history)
+        now, (then, first) = time.perf_counter(), self._mark
+        steps_per_sec = (step - first) / max(now - then, 1e-9)
+        self._mark = (now, step)
+        epoch = step / self.steps_per_epoch
+        eta = (self.total_steps - step) / steps_per_sec if steps_per_sec else math.inf
+        scalars = {f"train/{k}": v for k, v in means.items()}
+        scalars.update({"epoch": epoch, "images_per_sec": steps_per_sec * self.batch_size})
+        self.write(step, scalars)
+        self.print(f"step {step}/{self.total_steps} | epoch {epoch:.2f} | "
+                   f"loss {means['loss']:.4f} | top-1 {100 * means['top1']:.1f}% | "
+                   f"lr {means['lr']:.4g} | {steps_per_sec * self.batch_size:.1f} img/s | "
+                   f"ETA {format_duration(eta)}")
+
+    def eval(self, step: int, results: dict[str, dict]) -> None:
+        """results: {"eval": {top1, top5, loss, count}, "eval_ema": {...}}."""
+        scalars = {f"{prefix}/{k}": v for prefix, r in results.items() for k, v in r.items()
+                   if k != "count"}
+        self.write(step, scalars)
+        for prefix, r in results.items():
+            label = "EMA params" if prefix.endswith("ema") else "params"
+            self.print(f"eval at step {step} ({label}, {int(r['count'])} images): "
+                       f"top-1 {100 * r['top1']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
+                       f"loss {r['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()

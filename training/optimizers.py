@@ -1,0 +1,44 @@
+"""The optimizer and learning-rate schedule a config names, built from `optim/`."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+import nets
+import optim
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: float,
+                  total_steps: int):
+    peak = optim.scaled_learning_rate(cfg.base_lr, batch_size, cfg.lr_batch_base)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return optim.warmup_cosine(peak, warmup, total_steps)
+    if cfg.schedule == "step":
+        return optim.warmup_step_decay(peak, warmup, [e * steps_per_epoch for e in cfg.step_epochs],
+                                       cfg.step_factor)
+    raise ValueError(f"optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'step'")
+
+
+def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule
+              ) -> optax.GradientTransformation:
+    """`sgd`: coupled weight decay on `decay_roles`, then SGD with (Nesterov) momentum.
+    `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first)."""
+    roles = nets.param_roles(model, params)
+    decay_roles = tuple(cfg.decay_roles)
+    unknown = set(decay_roles) - set(jax.tree.leaves(roles))
+    if unknown - {"weight", "gain", "bias", "skip_gain", "classifier_weight", "classifier_bias"}:
+        raise ValueError(f"optimizer.decay_roles: unknown roles {sorted(unknown)}")
+    if cfg.name == "sgd_agc":
+        return optim.nfnet_optimizer(
+            roles, schedule, stacked=nets.stacked_axes(model, params), clipping=cfg.agc_clipping,
+            eps=cfg.agc_eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            decay_roles=decay_roles)
+    if cfg.name == "sgd":
+        decay_mask = jax.tree.map(lambda role: role in decay_roles, roles)
+        return optax.chain(
+            optax.masked(optax.add_decayed_weights(cfg.weight_decay), decay_mask),
+            optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    raise ValueError(f"optimizer.name={cfg.name!r}: expected 'sgd' or 'sgd_agc'")
