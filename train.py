@@ -1,6 +1,6 @@
 """Trains a model from an experiment config.
 
-    python train.py                                          # ResNet-50 on the built-in dataset
+    python train.py                                          # ResNet-18 on the built-in dataset
     python train.py --config experiments/nfnet_f1.py         # the paper's recipe on ImageNet
     python train.py --config experiments/nfnet_f1.py:local   # the same model on a CPU
     python train.py --config experiments/resnet50.py --config.batch_size=512 --workdir runs/r50
@@ -13,16 +13,17 @@ the cluster by itself).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = "experiments/resnet50.py:local"
+DEFAULT_CONFIG = "experiments/resnet18.py:local"
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_CONFIG),
-    "Experiment config file[:arg]; override fields with --config.FIELD=VALUE.", lock_config=True)
+    "config", None, f"Experiment config file[:arg] (default {DEFAULT_CONFIG}); override fields "
+    "with --config.FIELD=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", "", "Checkpoints, metrics.jsonl and TensorBoard logs; default runs/<experiment>.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
@@ -37,11 +38,19 @@ def _fail(message: str):
 
 def parse_flags(argv):
     """absl parsing, with config errors (a mistyped --config.key) as one clear line."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = [argv[0], f"--config={os.path.join(os.path.dirname(__file__), DEFAULT_CONFIG)}",
+                *argv[1:]]
+        sys.argv = argv   # ml_collections reads the overrides from sys.argv
     try:
         return flags.FLAGS(argv)
     except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
         text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        _fail(f"{text.strip(chr(39))} (see the fields in experiments/common.py)")
+        text = " ".join(re.sub(r"\\n|[\\'\"]", " ", text).split()).replace(" Did", ". Did")
+        if not isinstance(e, (KeyError, AttributeError)):
+            _fail(text)
+        _fail(f"unknown config field {text.replace(' ?', '?')}. --config.FIELD=VALUE changes "
+              "a field the config defines (experiments/common.py lists them); it cannot add one.")
 
 
 def default_workdir(config_flag: str) -> str:
@@ -53,6 +62,7 @@ def default_workdir(config_flag: str) -> str:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
     import training
     from training import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -1,0 +1,7 @@
+"""ResNet-18 on ImageNet, torchvision's recipe (experiments/resnet.py); `:local` for a CPU."""
+
+from experiments.resnet import recipe
+
+
+def get_config(arg=None):
+    return recipe("resnet18", arg)
