@@ -211,9 +211,9 @@ class TrainIterator:
 
     def __init__(self, cfg, *, global_batch: int, seed: int, process_index: int = 0,
                  process_count: int = 1):
+        source = _source(cfg, cfg.train_split)   # a missing dataset is the first thing to say
         recipe = Recipe.from_config(cfg)
         _check_num_classes(cfg)
-        source = _source(cfg, cfg.train_split)
         self.num_examples = len(source)
         if self.num_examples < global_batch:
             raise ValueError(f"global batch {global_batch} exceeds the {self.num_examples} "
