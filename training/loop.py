@@ -10,7 +10,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 import data
 import nets
@@ -132,10 +131,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, data_state = ckpt.restore(start, state)
         train_data.set_state(data_state)
         report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
     report.print(
-        f"training {config.model} ({nets.convert.count_params(config.model, config.data.num_classes):,} "
-        f"parameters) on {config.data.name} for {total_steps} steps of {config.batch_size} "
-        f"images ({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} "
+        f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
+        f"{total_steps} steps of {config.batch_size} images ({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} "
         f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), computing "
         f"in {jnp.dtype(dtype).name}")
 

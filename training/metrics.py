@@ -32,7 +32,7 @@ class Reporter:
         self._jsonl = self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
             from tensorboardX import SummaryWriter
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._mark = None

@@ -36,7 +36,8 @@ def train(devices):
     step = steps.train_step(model, optimizer, schedule, dtype=jnp.float32, label_smoothing=0.1,
                             ema_decay=config.ema_decay, mesh=mesh)
     for batch in batches:
-        state, metrics = step(state, distributed.global_batch(batch, distributed.batch_sharded(mesh)))
+        sharded = distributed.global_batch(batch, distributed.batch_sharded(mesh))
+        state, metrics = step(state, sharded)
     assert len(state.params["resnet/fc"]["w"].sharding.device_set) == len(devices)
     return jax.device_get(state), jax.device_get(metrics)
 
