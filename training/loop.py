@@ -134,9 +134,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     report.print(
         f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
-        f"{total_steps} steps of {config.batch_size} images ({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} "
-        f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), computing "
-        f"in {jnp.dtype(dtype).name}")
+        f"{total_steps} steps of {config.batch_size} images "
+        f"({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} {jax.default_backend()} device(s) in {jax.process_count()} process(es), "
+        f"computing in {jnp.dtype(dtype).name}")
 
     train_fn = steps.train_step(model, optimizer, schedule, dtype=dtype,
                                 label_smoothing=config.label_smoothing,
