@@ -135,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report.print(
         f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
         f"{total_steps} steps of {config.batch_size} images "
-        f"({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} {jax.default_backend()} device(s) in {jax.process_count()} process(es), "
+        f"({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} {jax.default_backend()} "
+        f"device(s) in {jax.process_count()} process(es), "
         f"computing in {jnp.dtype(dtype).name}")
 
     train_fn = steps.train_step(model, optimizer, schedule, dtype=dtype,
