@@ -52,6 +52,7 @@ def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
         common.local(c, size=32, batch=32, epochs=3.0)
         c.data.mixup_alpha, c.data.cutmix = 0.0, False
         c.optimizer.warmup_epochs = 0.5
+        c.optimizer.base_lr = 0.4           # batch 32 would scale the paper's lr to 0.0125
         # AGC keeps clipping the zero-initialised skip gains at 1e-5 a step for a long time;
         # a short run needs a larger threshold to let them grow.
         c.optimizer.agc_clipping = 0.04

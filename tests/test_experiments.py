@@ -1,0 +1,89 @@
+"""Every experiment config loads, names a registered model with overrides it accepts, and the
+paper recipes carry the paper's numbers."""
+
+import importlib
+import pathlib
+
+import jax
+import pytest
+
+import nets
+from experiments import common
+from nets.nfnet import DROP_RATE, RAND_AUGMENT_MAGNITUDE, TRAIN_TEST_SIZE
+from training import optimizers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
+                     if p.stem not in ("__init__", "common", "nfnet", "resnet"))
+
+
+def load(name, arg=None):
+    return importlib.import_module(f"experiments.{name}").get_config(arg)
+
+
+def test_the_recipes_exist():
+    assert {f"nfnet_f{k}" for k in range(8)} | {"resnet50", "resnet18"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("arg", [None, "local"])
+def test_config_is_complete_and_buildable(name, arg):
+    config = load(name, arg)
+    assert set(config.keys()) == set(common.base().keys())
+    assert set(config.data.keys()) == set(common.base().data.keys())
+    assert set(config.optimizer.keys()) == set(common.base().optimizer.keys())
+    info = nets.model_info(config.model)
+    nets._check_overrides(info, config.model_kwargs.to_dict())
+    if arg == "local":
+        assert config.data.name == "sklearn_digits" and config.data.num_classes == 10
+        assert config.data.train_size <= 64 and config.data.randaugment_layers == 0
+        assert config.model == load(name).model       # the architecture is kept
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_nfnet_recipe_is_the_papers(k):
+    c = load(f"nfnet_f{k}")
+    assert c.model == f"nfnet_f{k}" and load(f"nfnet_f{k}", "plus").model == f"nfnet_f{k}plus"
+    assert (c.batch_size, c.num_epochs, c.label_smoothing, c.ema_decay) == (4096, 360, 0.1, 0.99999)
+    assert (c.data.train_size, c.data.test_size) == TRAIN_TEST_SIZE[k]
+    assert c.model_kwargs.drop_rate == DROP_RATE[k]
+    assert c.model_kwargs.stochastic_depth_rate == 0.25
+    assert (c.data.mixup_alpha, c.data.cutmix) == (0.2, True)
+    assert (c.data.randaugment_layers, c.data.randaugment_magnitude) == (
+        4, RAND_AUGMENT_MAGNITUDE[k])
+    assert (c.data.eval_preprocess, c.data.interpolation) == ("resize_crop_32", "bicubic")
+    assert c.compute_dtype == "auto"
+    o = c.optimizer
+    assert (o.name, o.momentum, o.nesterov, o.weight_decay, o.agc_clipping) == (
+        "sgd_agc", 0.9, True, 2e-5, 0.01)
+    assert set(o.decay_roles) == {"weight", "classifier_weight"}
+
+    # §11: peak 1.6 at batch 4096, linear warm-up over 5 epochs from 0, cosine to 0.
+    steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / c.batch_size
+    total = int(common.IMAGENET_TRAIN_EXAMPLES * c.num_epochs // c.batch_size)
+    assert total == 112_602
+    lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, total)
+    warmup = 5 * steps_per_epoch
+    assert float(lr(0)) == 0.0
+    assert float(lr(warmup)) == pytest.approx(1.6, rel=1e-6)
+    assert float(lr(warmup / 2)) == pytest.approx(0.8, rel=1e-6)
+    assert float(lr(total)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resnet50_recipe_is_torchvisions():
+    c = load("resnet50")
+    o = c.optimizer
+    assert (c.batch_size, c.num_epochs, o.base_lr, o.momentum, o.weight_decay) == (
+        256, 90, 0.1, 0.9, 1e-4)
+    lr = optimizers.learning_rate(o, c.batch_size, 100.0, 9000)
+    assert [float(lr(s)) for s in (0, 2999, 3000, 5999, 6000, 8999)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_decay_roles_select_parameters():
+    params = jax.eval_shape(lambda: nets.transformed("resnet18", 10).init(
+        jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), is_training=True))[0]
+    c = load("resnet50")
+    c.optimizer.decay_roles = ("weight", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        optimizers.optimizer(c.optimizer, "resnet18", params, 0.1)
