@@ -217,3 +217,41 @@ def test_one_and_four_devices_give_the_same_update():
     for key in ("params", "model_state", "ema_params"):
         assert diff[key] < 2e-6, diff
     assert diff["loss"] < 1e-5, diff
+
+
+def test_cross_entropy_smooths_after_mixing():
+    from training.steps import cross_entropy
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], np.float32)
+    targets = np.array([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    smoothed = 0.9 * targets + 0.1 / 3
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(smoothed * log_p).sum(-1).mean()
+    assert float(cross_entropy(logits, targets, 0.1)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_state():
+    import jax.numpy as jnp
+
+    import nets
+    from experiments import common
+    from training import distributed, loop, optimizers, steps
+
+    config = common.base()
+    config.model, config.data.num_classes, config.data.train_size = "resnet18", 10, 32
+    config.ema_decay = 0.9
+    mesh = distributed.data_mesh()
+    model = nets.transformed("resnet18", num_classes=10)
+    schedule = optimizers.learning_rate(config.optimizer, 4, 10.0, 10)
+    state, optimizer = loop.init_state(
+        config, model, lambda p: optimizers.optimizer(config.optimizer, "resnet18", p, schedule),
+        mesh)
+    step = steps.train_step(model, optimizer, schedule, dtype=jnp.bfloat16, label_smoothing=0.1,
+                            ema_decay=0.9, mesh=mesh)
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+             "targets": np.eye(10, dtype=np.float32)[[1, 2, 3, 4]]}
+    state, metrics = step(state, distributed.global_batch(batch, distributed.batch_sharded(mesh)))
+    assert np.isfinite(float(metrics["loss"])) and metrics["loss"].dtype == jnp.float32
+    for tree in (state.params, state.model_state, state.opt_state, state.ema_params):
+        assert {x.dtype for x in jax.tree.leaves(tree)} <= {jnp.dtype(jnp.float32),
+                                                           jnp.dtype(jnp.int32)}
