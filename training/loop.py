@@ -176,6 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return results
     finally:
         preemption.restore()
+        train_data.close()
         ckpt.wait()
         ckpt.close()
         report.close()
