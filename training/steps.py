@@ -66,8 +66,8 @@ def train_step(model: hk.TransformedWithState, optimizer: optax.GradientTransfor
             "loss": loss,
             "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)),
             "lr": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
         new_state = TrainState(state.step + 1, state.rng, params, model_state, opt_state,
                                ema_params, ema_model_state)
