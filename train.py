@@ -73,7 +73,7 @@ def main(argv):
     try:
         results = training.run(_CONFIG.value, workdir)
     except (data.DatasetNotFoundError, training.CheckpointMismatchError,
-            training.NonFiniteLossError, NotImplementedError) as e:
+            training.NonFiniteLossError, training.ConfigError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     if results:

@@ -255,3 +255,11 @@ def test_bfloat16_compute_keeps_float32_state():
     for tree in (state.params, state.model_state, state.opt_state, state.ema_params):
         assert {x.dtype for x in jax.tree.leaves(tree)} <= {jnp.dtype(jnp.float32),
                                                            jnp.dtype(jnp.int32)}
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config.model=resnet19", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env=environment(), timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unknown model 'resnet19'. Did you mean: resnet18" in result.stderr

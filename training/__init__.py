@@ -1,6 +1,6 @@
 """Training: the train state, the sharded steps, checkpoints, metrics and the loop."""
 
 from training.checkpoint import CheckpointMismatchError
-from training.loop import NonFiniteLossError, run
+from training.loop import ConfigError, NonFiniteLossError, run
 
-__all__ = ["CheckpointMismatchError", "NonFiniteLossError", "run"]
+__all__ = ["CheckpointMismatchError", "ConfigError", "NonFiniteLossError", "run"]

@@ -35,12 +35,20 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class ConfigError(ValueError):
+    pass
+
+
 def _validate(config: ml_collections.ConfigDict, mesh) -> None:
-    nets.model_info(config.model)   # an unknown name lists close ones
+    try:
+        info = nets.model_info(config.model)   # an unknown name lists close ones
+        nets._check_overrides(info, config.model_kwargs.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % mesh.size:
-            raise ValueError(f"config.{field}={config[field]} must be a multiple of the "
-                             f"{mesh.size} devices the batch is sharded over")
+            raise ConfigError(f"config.{field}={config[field]} must be a multiple of the "
+                              f"{mesh.size} devices the batch is sharded over")
 
 
 def init_state(config, model, optimizer_fn, mesh) -> tuple[TrainState, object]:
