@@ -43,7 +43,7 @@ def model_info(name: str) -> ModelInfo:
                          f"{len(_MODELS)}.") from None
 
 
-def _check_overrides(info: ModelInfo, overrides: dict) -> None:
+def check_overrides(info: ModelInfo, overrides: dict) -> None:
     accepted = [p for p in inspect.signature(info.builder).parameters if p != "self"]
     for key in overrides:
         if key not in accepted:
@@ -57,13 +57,13 @@ def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
     """Builds the variant's module (call inside a Haiku transform). `overrides` replace entries
     of the variant's configuration (e.g. stochastic_depth_rate=0.1)."""
     info = model_info(name)
-    _check_overrides(info, overrides)
+    check_overrides(info, overrides)
     return info.builder(**{**info.config, "num_classes": num_classes, **overrides})
 
 
 def transformed(name: str, num_classes: int = 1000, **overrides) -> hk.TransformedWithState:
     """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits."""
-    _check_overrides(model_info(name), overrides)
+    check_overrides(model_info(name), overrides)
 
     def forward(images, is_training: bool):
         return create(name, num_classes, **overrides)(images, is_training=is_training)
@@ -73,7 +73,7 @@ def transformed(name: str, num_classes: int = 1000, **overrides) -> hk.Transform
 
 def transformed_features(name: str, **overrides) -> hk.TransformedWithState:
     """`hk.transform_with_state` of `features(images, is_training)`: the per-stage maps."""
-    _check_overrides(model_info(name), overrides)
+    check_overrides(model_info(name), overrides)
 
     def forward(images, is_training: bool):
         return create(name, 0, **overrides).features(images, is_training=is_training)

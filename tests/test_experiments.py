@@ -33,7 +33,7 @@ def test_config_is_complete_and_buildable(name, arg):
     assert set(config.data.keys()) == set(common.base().data.keys())
     assert set(config.optimizer.keys()) == set(common.base().optimizer.keys())
     info = nets.model_info(config.model)
-    nets._check_overrides(info, config.model_kwargs.to_dict())
+    nets.check_overrides(info, config.model_kwargs.to_dict())
     if arg == "local":
         assert config.data.name == "sklearn_digits" and config.data.num_classes == 10
         assert config.data.train_size <= 64 and config.data.randaugment_layers == 0

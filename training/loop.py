@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 def _validate(config: ml_collections.ConfigDict, mesh) -> None:
     try:
         info = nets.model_info(config.model)   # an unknown name lists close ones
-        nets._check_overrides(info, config.model_kwargs.to_dict())
+        nets.check_overrides(info, config.model_kwargs.to_dict())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.model: {e}") from None
     for field in ("batch_size", "eval_batch_size"):
