@@ -2,32 +2,28 @@
 
 Every random choice comes from a caller's `np.random.Generator`, so the pipeline decides how
 randomness is seeded (per example, per batch) and results are reproducible.
+
+Two reference pipelines are reproduced, chosen by `image_ops`:
+- "tf": the TensorFlow pipelines of the NFNet and EfficientNet papers: TF's crop sampler
+  (`tf.image.sample_distorted_bounding_box`) with a padded centre crop when it fails, and TF's
+  bicubic resize to unclamped float32 (`data.resize.tf_bicubic`);
+- "torchvision": `RandomResizedCrop`, `Resize` and `CenterCrop` on PIL images (uint8).
 """
 
 import math
 
 import numpy as np
-from PIL import Image
 
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+from data import resize
+
+IMAGE_OPS = ("tf", "torchvision")
 INCEPTION_ASPECT_RANGE = (3 / 4, 4 / 3)
 INCEPTION_ATTEMPTS = 10
-# NFNet eval: resize the whole image to test_size + 32 and take the centre test_size.
+# TF pipelines also require the crop to cover this fraction of the (whole-image) object box.
+TF_MIN_OBJECT_COVERED = 0.1
+# NFNet eval resizes the whole image to test_size + 32; TF's centre crop keeps size/(size + 32).
 NFNET_EVAL_MARGIN = 32
-
-
-def _resample(interpolation: str) -> Image.Resampling:
-    try:
-        return INTERPOLATIONS[interpolation]
-    except KeyError:
-        raise ValueError(
-            f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATIONS)}"
-        ) from None
+CENTRE_CROP_PADDING = 32
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -39,21 +35,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def resize(image: np.ndarray, height: int, width: int, interpolation: str,
-           box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Resizes (the `box` = (top, left, height, width) region of) an HWC uint8 image."""
-    pil_box = None
-    if box is not None:
-        top, left, box_height, box_width = box
-        pil_box = (left, top, left + box_width, top + box_height)
-    # PIL crops and resizes in one pass when given a box, reading only the pixels it needs.
-    resized = Image.fromarray(image).resize((width, height), _resample(interpolation), box=pil_box)
-    return np.asarray(resized)
-
-
 def centre_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    top = (image.shape[0] - height) // 2
-    left = (image.shape[1] - width) // 2
+    """torchvision's CenterCrop offsets: round((size - crop) / 2)."""
+    top = int(round((image.shape[0] - height) / 2.0))
+    left = int(round((image.shape[1] - width) / 2.0))
     return image[top:top + height, left:left + width]
 
 
@@ -65,10 +50,10 @@ def random_resized_crop_box(
     aspect_range: tuple[float, float] = INCEPTION_ASPECT_RANGE,
     attempts: int = INCEPTION_ATTEMPTS,
 ) -> tuple[int, int, int, int]:
-    """Inception crop (Szegedy et al. 2015) as (top, left, height, width).
+    """torchvision's RandomResizedCrop box (top, left, height, width).
 
     Area uniform in [min_area, 1] of the image, aspect ratio log-uniform in aspect_range; after
-    `attempts` misses, the largest centred crop within the aspect range (torchvision's fallback).
+    `attempts` misses, the largest centred crop within the aspect range.
     """
     area = height * width
     log_low, log_high = math.log(aspect_range[0]), math.log(aspect_range[1])
@@ -91,10 +76,90 @@ def random_resized_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        min_area: float, interpolation: str) -> np.ndarray:
-    box = random_resized_crop_box(rng, image.shape[0], image.shape[1], min_area)
-    return resize(image, size, size, interpolation, box=box)
+def _tf_crop_of_height(rng: np.random.Generator, height: int, width: int, aspect: float,
+                       min_pixels: float, max_pixels: float) -> tuple[int, int] | None:
+    """One attempt of TF's GenerateRandomCrop: (crop height, crop width), or None."""
+    min_height = round(math.sqrt(min_pixels / aspect))
+    max_height = round(math.sqrt(max_pixels / aspect))
+    if round(max_height * aspect) > width:
+        # The largest height whose rounded width still fits.
+        max_height = int((width + 0.5 - 1e-7) / aspect)
+        if round(max_height * aspect) > width:
+            max_height -= 1
+    max_height = min(max_height, height)
+    min_height = min(min_height, max_height)
+    crop_height = int(rng.integers(min_height, max_height + 1))
+    crop_width = round(crop_height * aspect)
+    if crop_width * crop_height < min_pixels:
+        crop_height += 1
+        crop_width = round(crop_height * aspect)
+    if crop_width * crop_height > max_pixels:
+        crop_height -= 1
+        crop_width = round(crop_height * aspect)
+    area = crop_width * crop_height
+    if (area < min_pixels or area > max_pixels or not 0 < crop_width <= width
+            or not 0 < crop_height <= height):
+        return None
+    return crop_height, crop_width
+
+
+def tf_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    min_area: float,
+    aspect_range: tuple[float, float] = INCEPTION_ASPECT_RANGE,
+    attempts: int = INCEPTION_ATTEMPTS,
+    min_object_covered: float = TF_MIN_OBJECT_COVERED,
+) -> tuple[int, int, int, int]:
+    """tf.image.sample_distorted_bounding_box over the whole image, as (top, left, h, w).
+
+    Unlike torchvision it draws the aspect ratio (width / height) uniformly and then the crop
+    height uniformly among the heights whose area is in range; offsets are uniform in
+    [0, size - crop) (the last offset is never drawn). After `attempts` misses it returns the
+    whole image.
+    """
+    pixels = height * width
+    for _ in range(attempts):
+        aspect = rng.uniform(*aspect_range)
+        crop = _tf_crop_of_height(rng, height, width, aspect, min_area * pixels, pixels)
+        if crop is None or crop[0] * crop[1] < min_object_covered * pixels:
+            continue
+        crop_height, crop_width = crop
+        top = int(rng.integers(0, height - crop_height)) if crop_height < height else 0
+        left = int(rng.integers(0, width - crop_width)) if crop_width < width else 0
+        return top, left, crop_height, crop_width
+    return 0, 0, height, width
+
+
+def padded_centre_crop_box(height: int, width: int, size: int,
+                           padding: int = CENTRE_CROP_PADDING) -> tuple[int, int, int, int]:
+    """The TF pipelines' centre crop: the central size / (size + padding) of the shorter side,
+    square (offsets round up)."""
+    side = int(min(height, width) / (size + padding) * size)
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+def train_crop_box(rng: np.random.Generator, height: int, width: int, image_ops: str,
+                   min_area: float, size: int) -> tuple[int, int, int, int]:
+    """The Inception crop of either reference pipeline."""
+    if image_ops == "torchvision":
+        return random_resized_crop_box(rng, height, width, min_area)
+    box = tf_crop_box(rng, height, width, min_area)
+    if box[2:] == (height, width):
+        # The NFNet / EfficientNet pipelines treat a whole-image crop as a failed draw.
+        return padded_centre_crop_box(height, width, size)
+    return box
+
+
+def resize_to(image: np.ndarray, size: int, image_ops: str, interpolation: str) -> np.ndarray:
+    """Square float32 resize: TF's unclamped bicubic, or PIL's uint8 resampling."""
+    if image_ops == "tf":
+        if interpolation != "bicubic":
+            raise ValueError(f"image_ops 'tf' resizes bicubically (the NFNet and EfficientNet "
+                             f"pipelines); got interpolation {interpolation!r}")
+        return resize.tf_bicubic(image, size, size)
+    return resize.pil(image, size, size, interpolation).astype(np.float32)
 
 
 def flip(image: np.ndarray) -> np.ndarray:
@@ -105,30 +170,48 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return flip(image) if rng.random() < 0.5 else image
 
 
-def resize_crop_32(image: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+def resize_crop_32(image: np.ndarray, size: int, image_ops: str,
+                   interpolation: str) -> np.ndarray:
     """NFNet eval: the whole image (aspect not kept) to size + 32 square, centre size crop."""
-    resized = resize(image, size + NFNET_EVAL_MARGIN, size + NFNET_EVAL_MARGIN, interpolation)
-    return centre_crop(resized, size, size)
+    margin_size = size + NFNET_EVAL_MARGIN
+    if image_ops == "tf":
+        resized = resize_to(image, margin_size, image_ops, interpolation)
+        offset = (NFNET_EVAL_MARGIN + 1) // 2
+        return resized[offset:offset + size, offset:offset + size]
+    resized = resize.pil(image, margin_size, margin_size, interpolation)
+    return centre_crop(resized, size, size).astype(np.float32)
+
+
+def crop_resize(image: np.ndarray, size: int, image_ops: str, interpolation: str) -> np.ndarray:
+    """TF pipelines' eval: padded centre crop (size / (size + 32) of the shorter side), resized."""
+    top, left, height, width = padded_centre_crop_box(image.shape[0], image.shape[1], size)
+    return resize_to(image[top:top + height, left:left + width], size, image_ops, interpolation)
 
 
 def resize_shorter_crop(image: np.ndarray, size: int, crop_fraction: float,
                         interpolation: str) -> np.ndarray:
-    """ResNet eval: shorter side to size / crop_fraction (aspect kept), centre size crop."""
+    """torchvision eval: Resize(floor(size / crop_fraction)) on the shorter side (the longer
+    side truncated, as torchvision does), then CenterCrop(size)."""
     height, width = image.shape[:2]
-    shorter = round(size / crop_fraction)
-    scale = shorter / min(height, width)
-    new_height = max(size, round(height * scale))
-    new_width = max(size, round(width * scale))
-    return centre_crop(resize(image, new_height, new_width, interpolation), size, size)
+    shorter = math.floor(size / crop_fraction + 1e-6)
+    if height <= width:
+        new_height, new_width = shorter, int(shorter * width / height)
+    else:
+        new_height, new_width = int(shorter * height / width), shorter
+    resized = resize.pil(image, new_height, new_width, interpolation)
+    return centre_crop(resized, size, size).astype(np.float32)
 
 
-EVAL_PREPROCESSORS = ("resize_crop_32", "resize_shorter_crop")
+EVAL_PREPROCESSORS = ("resize_crop_32", "crop_resize", "resize_shorter_crop")
 
 
 def eval_preprocess(image: np.ndarray, method: str, size: int, crop_fraction: float,
-                    interpolation: str) -> np.ndarray:
+                    image_ops: str, interpolation: str) -> np.ndarray:
+    """uint8 HWC -> float32 (size, size, 3), before normalisation."""
     if method == "resize_crop_32":
-        return resize_crop_32(image, size, interpolation)
+        return resize_crop_32(image, size, image_ops, interpolation)
+    if method == "crop_resize":
+        return crop_resize(image, size, image_ops, interpolation)
     if method == "resize_shorter_crop":
         return resize_shorter_crop(image, size, crop_fraction, interpolation)
     raise ValueError(f"unknown eval preprocessing {method!r}; choose from {EVAL_PREPROCESSORS}")
@@ -145,53 +228,61 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
 
 
-def mixup(images: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
-          alpha: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """MixUp (Zhang et al. 2018) of a batch with its reverse; one lambda ~ Beta(alpha, alpha)."""
+MIX_KINDS = ("mixup", "cutmix")
+
+
+def mix_kind(row: int, use_mixup: bool, use_cutmix: bool) -> str | None:
+    """Which mixing a global batch row gets: with both, MixUp on even rows and CutMix on odd
+    ones, so every device's even-sized shard is half and half (the official code mixes the
+    first and second half of each device batch)."""
+    if use_mixup and use_cutmix:
+        return MIX_KINDS[row % 2]
+    if use_mixup:
+        return "mixup"
+    return "cutmix" if use_cutmix else None
+
+
+def mixup_pair(first: np.ndarray, second: np.ndarray, rng: np.random.Generator,
+               alpha: float) -> tuple[np.ndarray, float]:
+    """MixUp (Zhang et al. 2018): lambda ~ Beta(alpha, alpha) weighs the first image."""
     lam = float(rng.beta(alpha, alpha))
-    mixed = lam * images + (1.0 - lam) * images[::-1]
-    return mixed.astype(images.dtype), lam * targets + (1.0 - lam) * targets[::-1], lam
+    mixed = np.float32(lam) * first + np.float32(1.0 - lam) * second
+    return mixed.astype(first.dtype), lam
 
 
 def cutmix_box(rng: np.random.Generator, height: int,
                width: int) -> tuple[int, int, int, int]:
     """CutMix (Yun et al. 2019) box (top, left, height, width): side ratio sqrt(1 - U),
     centre uniform, clipped to the image (so it may be smaller than drawn)."""
+    centre_x, centre_y = int(rng.integers(0, width)), int(rng.integers(0, height))
     cut_ratio = math.sqrt(1.0 - rng.uniform())
     cut_height, cut_width = int(height * cut_ratio), int(width * cut_ratio)
-    centre_y, centre_x = int(rng.integers(0, height)), int(rng.integers(0, width))
     top, bottom = max(centre_y - cut_height // 2, 0), min(centre_y + cut_height // 2, height)
     left, right = max(centre_x - cut_width // 2, 0), min(centre_x + cut_width // 2, width)
     return top, left, bottom - top, right - left
 
 
-def cutmix(images: np.ndarray, targets: np.ndarray,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pastes one box of the reversed batch into each image; lambda is the area each keeps."""
-    height, width = images.shape[1:3]
+def cutmix_pair(first: np.ndarray, second: np.ndarray,
+                rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The box is filled from the first image, the rest from the second; lambda is the box's
+    share of the image, so the targets weigh exactly the pixels each image shows."""
+    height, width = first.shape[:2]
     top, left, box_height, box_width = cutmix_box(rng, height, width)
-    # Recomputed from the clipped box, so the targets weigh exactly the pixels each image shows.
-    lam = 1.0 - box_height * box_width / (height * width)
-    mixed = images.copy()
-    region = (slice(None), slice(top, top + box_height), slice(left, left + box_width))
-    mixed[region] = images[::-1][region]
-    return mixed, lam * targets + (1.0 - lam) * targets[::-1], lam
+    mixed = second.copy()
+    mixed[top:top + box_height, left:left + box_width] = (
+        first[top:top + box_height, left:left + box_width])
+    return mixed, box_height * box_width / (height * width)
 
 
-def mix_batch(images: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
-              mixup_alpha: float, use_cutmix: bool) -> tuple[np.ndarray, np.ndarray]:
-    """MixUp and/or CutMix as in the official NFNet code: with both, MixUp on the first half of
-    the batch and CutMix on the second, each half paired with its own reverse; with one, the
-    whole batch."""
-    use_mixup = mixup_alpha > 0
-    if use_mixup and use_cutmix:
-        half = len(images) // 2
-        first_images, first_targets, _ = mixup(images[:half], targets[:half], rng, mixup_alpha)
-        second_images, second_targets, _ = cutmix(images[half:], targets[half:], rng)
-        return (np.concatenate([first_images, second_images]),
-                np.concatenate([first_targets, second_targets]))
-    if use_mixup:
-        images, targets, _ = mixup(images, targets, rng, mixup_alpha)
-    elif use_cutmix:
-        images, targets, _ = cutmix(images, targets, rng)
-    return images, targets
+def mix_pair(kind: str, first: np.ndarray, second: np.ndarray, first_target: np.ndarray,
+             second_target: np.ndarray, rng: np.random.Generator,
+             mixup_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """One mixed row: (image, lambda * first_target + (1 - lambda) * second_target)."""
+    if kind == "mixup":
+        image, lam = mixup_pair(first, second, rng, mixup_alpha)
+    elif kind == "cutmix":
+        image, lam = cutmix_pair(first, second, rng)
+    else:
+        raise ValueError(f"unknown mixing {kind!r}; choose from {MIX_KINDS}")
+    target = np.float32(lam) * first_target + np.float32(1.0 - lam) * second_target
+    return image, target

@@ -1,10 +1,18 @@
 """The input pipeline the trainer calls: sharded, deterministic, resumable batches via grain.
 
 Determinism contract (what makes runs reproducible and multi-host runs equal single-host ones):
-global batch `step` holds the examples at positions step*B .. (step+1)*B-1 of a permutation of
-the train split drawn from (seed, epoch) alone; process p yields rows p*b .. (p+1)*b-1 of it.
-Per-example augmentation is seeded from (seed, global position) and batch mixing from
-(seed, step, process), so the state of an iterator is just the next step number.
+train batch `step` holds global rows step*B .. (step+1)*B-1, and process p yields rows
+p*b .. (p+1)*b-1 of it. Each row is made of K examples (K = 2 when rows mix two images, else 1):
+row q reads the examples at stream positions K*q .. K*q+K-1, where the stream is the train split
+in a permutation drawn from (seed, epoch) alone, epoch after epoch. Every random choice is seeded
+from (seed, stream position) for per-example augmentation or (seed, row) for mixing and
+RandAugment after mixing, so no result depends on the process count and an iterator's state is
+just the next step number.
+
+Train images: decode the crop only -> flip -> resize (`image_ops`: TF's or torchvision's) ->
+[RandAugment] -> [MixUp / CutMix of pairs] -> [RandAugment after mixing: the NFNet default]
+-> normalise. RandAugment always sees the image clipped to [0, 255] and truncated to uint8, as
+the official pipeline casts it.
 """
 
 import dataclasses
@@ -15,10 +23,11 @@ import grain
 from absl import flags
 import numpy as np
 
-from data import augment, sources
+from data import augment, decode, randaugment, resize, sources
 
 # Distinct seed streams, so no two uses of the same seed draw correlated numbers.
-_PERMUTATION_STREAM, _EXAMPLE_STREAM, _MIX_STREAM = 0, 1, 2
+(_PERMUTATION_STREAM, _EXAMPLE_STREAM, _MIX_STREAM, _RANDAUGMENT_EXAMPLE_STREAM,
+ _RANDAUGMENT_ROW_STREAM) = range(5)
 # Steps a train iterator can run; far beyond any run, and finite because grain needs a length.
 _MAX_STEPS = 2**40
 # Threads build whole batches, one each; decoding (PIL) releases the GIL.
@@ -35,6 +44,7 @@ class Recipe:
     test_size: int
     eval_preprocess: str
     crop_fraction: float
+    image_ops: str
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -43,25 +53,36 @@ class Recipe:
     flip: bool
     mixup_alpha: float
     cutmix: bool
+    randaugment_layers: int
+    randaugment_magnitude: float
+    augment_before_mix: bool
     num_classes: int
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
-        if cfg.randaugment_layers > 0:
-            raise NotImplementedError(
-                "RandAugment is not implemented yet: it arrives with the input-pipeline issue "
-                "(issue 5); set data.randaugment_layers=0"
-            )
-        if cfg.eval_preprocess not in augment.EVAL_PREPROCESSORS:
-            raise ValueError(f"unknown data.eval_preprocess {cfg.eval_preprocess!r}; "
-                             f"choose from {augment.EVAL_PREPROCESSORS}")
-        if cfg.interpolation not in augment.INTERPOLATIONS:
-            raise ValueError(f"unknown data.interpolation {cfg.interpolation!r}; "
-                             f"choose from {sorted(augment.INTERPOLATIONS)}")
+        choices = {"eval_preprocess": augment.EVAL_PREPROCESSORS,
+                   "image_ops": augment.IMAGE_OPS,
+                   "interpolation": tuple(sorted(resize.INTERPOLATIONS))}
+        for field, allowed in choices.items():
+            if cfg[field] not in allowed:
+                raise ValueError(f"unknown data.{field} {cfg[field]!r}; choose from {allowed}")
+        if cfg.image_ops == "tf" and cfg.interpolation != "bicubic":
+            raise ValueError("data.image_ops='tf' resizes bicubically (TF's pipelines); set "
+                             "data.interpolation='bicubic' or data.image_ops='torchvision'")
+        if cfg.randaugment_layers < 0 or cfg.mixup_alpha < 0:
+            raise ValueError("data.randaugment_layers and data.mixup_alpha must be >= 0")
         names = [field.name for field in dataclasses.fields(cls)]
-        values = {name: getattr(cfg, name) for name in names}
+        values = {name: cfg[name] for name in names}
         values["mean"], values["std"] = tuple(cfg.mean), tuple(cfg.std)
         return cls(**values)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix
+
+    @property
+    def examples_per_row(self) -> int:
+        return 2 if self.mixes else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +106,7 @@ class Sharding:
         return self.global_batch // self.process_count
 
     def global_positions(self, step: int) -> np.ndarray:
-        """Positions, counted over all batches, of the rows this process yields at `step`."""
+        """Global row numbers, counted over all batches, of the rows this process yields."""
         first = step * self.global_batch + self.process_index * self.local_batch
         return np.arange(first, first + self.local_batch)
 
@@ -96,34 +117,60 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
-def train_example_indices(seed: int, step: int, sharding: Sharding,
-                          num_examples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(global positions, example indices) of this process's rows of train batch `step`."""
-    steps_per_epoch = num_examples // sharding.global_batch
+def stream_examples(seed: int, step: int, sharding: Sharding, num_examples: int,
+                    examples_per_row: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(stream positions, example indices) this process reads for train batch `step`: rows
+    in order, each row's `examples_per_row` examples consecutive."""
+    per_step = sharding.global_batch * examples_per_row
+    steps_per_epoch = num_examples // per_step
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
-    positions = sharding.global_positions(step)
-    # Positions within the epoch: batches drop the permutation's remainder.
-    in_epoch = positions - (step - step_in_epoch) * sharding.global_batch
+    rows = sharding.global_positions(step)
+    positions = (rows[:, None] * examples_per_row + np.arange(examples_per_row)).ravel()
+    # Epochs hold whole steps; the permutation's remainder is not read.
+    in_epoch = positions - (step - step_in_epoch) * per_step
     return positions, epoch_permutation(seed, epoch, num_examples)[in_epoch]
 
 
-def _train_image(image: np.ndarray, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
-    image = augment.to_rgb(image)
+def _rng(seed: int, stream: int, position: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, int(position)])
+
+
+def _randaugment(image: np.ndarray, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    pixels = np.clip(image, 0.0, 255.0).astype(np.uint8)   # TF's cast truncates
+    pixels = randaugment.randaugment(pixels, rng, recipe.randaugment_layers,
+                                     recipe.randaugment_magnitude)
+    return pixels.astype(np.float32)
+
+
+def train_image(image, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    """Encoded or decoded image -> float32 (train_size, train_size, 3), before mixing."""
     size = recipe.train_size
     if recipe.random_resized_crop:
-        image = augment.random_resized_crop(image, rng, size, recipe.min_area,
-                                            recipe.interpolation)
-    else:
-        image = augment.eval_preprocess(image, recipe.eval_preprocess, size,
-                                        recipe.crop_fraction, recipe.interpolation)
-    if recipe.flip:
-        image = augment.random_flip(image, rng)
-    return image
+        height, width = decode.image_size(image)
+        box = augment.train_crop_box(rng, height, width, recipe.image_ops, recipe.min_area,
+                                     size)
+        pixels = decode.decode(image, box)
+        if recipe.flip:
+            pixels = augment.random_flip(pixels, rng)
+        return augment.resize_to(pixels, size, recipe.image_ops, recipe.interpolation)
+    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess, size,
+                                     recipe.crop_fraction, recipe.image_ops,
+                                     recipe.interpolation)
+    return augment.random_flip(pixels, rng) if recipe.flip else pixels
 
 
-def _eval_image(image: np.ndarray, recipe: Recipe) -> np.ndarray:
-    return augment.eval_preprocess(augment.to_rgb(image), recipe.eval_preprocess,
-                                   recipe.test_size, recipe.crop_fraction, recipe.interpolation)
+def eval_image(image, recipe: Recipe) -> np.ndarray:
+    """Encoded or decoded image -> normalised float32 (test_size, test_size, 3)."""
+    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess,
+                                     recipe.test_size, recipe.crop_fraction, recipe.image_ops,
+                                     recipe.interpolation)
+    return augment.normalize(pixels, recipe.mean, recipe.std)
+
+
+def eval_preprocessor(cfg):
+    """image (encoded bytes or uint8 HWC) -> the model's input, exactly as evaluation prepares
+    it; `cfg` is a config's `data` section, e.g. from a checkpoint's recorded config."""
+    return functools.partial(eval_image, recipe=Recipe.from_config(cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,22 +183,40 @@ class TrainBatchMaker:
     seed: int
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        positions, indices = train_example_indices(self.seed, step, self.sharding,
-                                                   len(self.source))
+        recipe, seed = self.recipe, self.seed
+        positions, indices = stream_examples(seed, step, self.sharding, len(self.source),
+                                             recipe.examples_per_row)
+        augment_each = recipe.randaugment_layers > 0 and (recipe.augment_before_mix
+                                                          or not recipe.mixes)
         images, labels = [], []
         for position, index in zip(positions, indices):
             example = self.source[int(index)]
-            rng = np.random.default_rng([self.seed, _EXAMPLE_STREAM, int(position)])
-            images.append(_train_image(example["image"], rng, self.recipe))
+            image = train_image(example["image"], _rng(seed, _EXAMPLE_STREAM, position), recipe)
+            if augment_each:
+                image = _randaugment(image, _rng(seed, _RANDAUGMENT_EXAMPLE_STREAM, position),
+                                     recipe)
+            images.append(image)
             labels.append(example["label"])
-        images = augment.normalize(np.stack(images), self.recipe.mean, self.recipe.std)
-        targets = augment.one_hot(np.asarray(labels), self.recipe.num_classes)
-        if self.recipe.mixup_alpha > 0 or self.recipe.cutmix:
-            rng = np.random.default_rng([self.seed, _MIX_STREAM, step,
-                                         self.sharding.process_index])
-            images, targets = augment.mix_batch(images, targets, rng, self.recipe.mixup_alpha,
-                                                self.recipe.cutmix)
-        return {"images": images, "targets": targets}
+        targets = augment.one_hot(np.asarray(labels), recipe.num_classes)
+        if recipe.mixes:
+            images, targets = self._mix(step, images, targets)
+        return {"images": augment.normalize(np.stack(images), recipe.mean, recipe.std),
+                "targets": targets}
+
+    def _mix(self, step: int, images: list, targets: np.ndarray) -> tuple[list, np.ndarray]:
+        recipe, seed = self.recipe, self.seed
+        augment_after = recipe.randaugment_layers > 0 and not recipe.augment_before_mix
+        mixed_images, mixed_targets = [], []
+        for i, row in enumerate(self.sharding.global_positions(step)):
+            kind = augment.mix_kind(int(row), recipe.mixup_alpha > 0, recipe.cutmix)
+            image, target = augment.mix_pair(
+                kind, images[2 * i], images[2 * i + 1], targets[2 * i], targets[2 * i + 1],
+                _rng(seed, _MIX_STREAM, row), recipe.mixup_alpha)
+            if augment_after:
+                image = _randaugment(image, _rng(seed, _RANDAUGMENT_ROW_STREAM, row), recipe)
+            mixed_images.append(image)
+            mixed_targets.append(target)
+        return mixed_images, np.stack(mixed_targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +235,7 @@ class EvalBatchMaker:
         mask = self.sharding.global_positions(step) < len(self.source)
         for row, position in enumerate(self.sharding.global_positions(step)[mask]):
             example = self.source[int(position)]
-            images[row] = augment.normalize(_eval_image(example["image"], self.recipe),
-                                            self.recipe.mean, self.recipe.std)
+            images[row] = eval_image(example["image"], self.recipe)
             labels[row] = example["label"]
         return {"images": images, "labels": labels, "mask": mask}
 
@@ -215,10 +279,11 @@ class TrainIterator:
         recipe = Recipe.from_config(cfg)
         _check_num_classes(cfg)
         self.num_examples = len(source)
-        if self.num_examples < global_batch:
-            raise ValueError(f"global batch {global_batch} exceeds the {self.num_examples} "
-                             f"examples of {cfg.name}:{cfg.train_split}")
-        self.steps_per_epoch = self.num_examples // global_batch
+        per_step = global_batch * recipe.examples_per_row
+        if self.num_examples < per_step:
+            raise ValueError(f"a step reads {per_step} examples (global batch {global_batch}"
+                             f"{' x 2 to mix' if recipe.mixes else ''}), more than the "
+                             f"{self.num_examples} of {cfg.name}:{cfg.train_split}")
         self._sharding = Sharding(global_batch, process_index, process_count)
         self._seed = int(seed)
         self._make_batch = TrainBatchMaker(source, recipe, self._sharding, self._seed)

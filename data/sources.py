@@ -1,5 +1,12 @@
-"""Random-access sources over prepared TFDS datasets (array_record), read without TensorFlow."""
+"""Random-access sources of {"image": encoded bytes, "label": int} examples, without TensorFlow.
 
+- Any TFDS image-classification dataset prepared in array_record format, read with
+  `tfds.data_source` and image decoding skipped (the pipeline decodes once it knows the crop).
+- `image_folder`: the user's own images as `data_dir/<split>/<class name>/<file>`; classes are
+  the sorted union of class directory names over all splits, so every split labels alike.
+"""
+
+import dataclasses
 import os
 import pathlib
 
@@ -58,11 +65,70 @@ def _builder(name: str, directory: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
+IMAGE_FOLDER = "image_folder"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _class_names(root: pathlib.Path) -> list[str]:
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder {str(root)!r} does not exist; set data.data_dir to a directory laid "
+            f"out as <data_dir>/<split>/<class name>/<image file>")
+    names = {d.name for split in root.iterdir() if split.is_dir()
+             for d in split.iterdir() if d.is_dir()}
+    return sorted(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSource:
+    """`root/<split>/<class name>/<image>` files in sorted order; picklable for grain workers."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    @classmethod
+    def open(cls, root: str, split: str) -> "ImageFolderSource":
+        root_path = pathlib.Path(root)
+        classes = _class_names(root_path)
+        split_dir = root_path / split
+        if not split_dir.is_dir():
+            splits = sorted(d.name for d in root_path.iterdir() if d.is_dir())
+            raise DatasetNotFoundError(f"image folder {root!r} has no split {split!r} "
+                                       f"(its subdirectories: {splits})")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = split_dir / name
+            if not class_dir.is_dir():
+                continue
+            files = sorted(f for f in class_dir.iterdir()
+                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            paths += [str(f) for f in files]
+            labels += [label] * len(files)
+        if not paths:
+            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under "
+                                       f"{str(split_dir)!r}/<class name>/")
+        return cls(tuple(paths), tuple(labels))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": pathlib.Path(self.paths[index]).read_bytes(),
+                "label": self.labels[index]}
+
+
 def open_source(name: str, split: str, directory: str):
-    """A random-access source over examples {"image": uint8 HWC array, "label": int}."""
+    """A random-access source over examples {"image": encoded bytes, "label": int}."""
+    if name == IMAGE_FOLDER:
+        return ImageFolderSource.open(directory, split)
     builder = _builder(name, directory)
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ValueError(f"{name} is not an image-classification dataset with 'image' and "
+                         f"'label' features (it has {sorted(features)})")
     try:
-        return builder.as_data_source(split=split)
+        return builder.as_data_source(split=split,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         # Typically a dataset prepared as tfrecord only, which needs TensorFlow to read.
         raise _not_found(name, directory, f"it cannot be read as array_record: {error}") from None
@@ -72,5 +138,7 @@ def num_examples(name: str, split: str, directory: str) -> int:
     return len(open_source(name, split, directory))
 
 
-def num_classes(name: str, directory: str, label_key: str = "label") -> int:
-    return _builder(name, directory).info.features[label_key].num_classes
+def num_classes(name: str, directory: str) -> int:
+    if name == IMAGE_FOLDER:
+        return len(_class_names(pathlib.Path(directory)))
+    return _builder(name, directory).info.features["label"].num_classes

@@ -28,18 +28,20 @@ def base() -> ml_collections.ConfigDict:
         num_classes=1000,
         train_size=224,
         test_size=224,
-        eval_preprocess="resize_shorter_crop",   # or "resize_crop_32" (NFNet)
-        crop_fraction=0.875,
+        eval_preprocess="resize_shorter_crop",   # or "resize_crop_32" (NFNet), "crop_resize"
+        crop_fraction=0.875,        # resize_shorter_crop: shorter side to test_size / this
+        image_ops="torchvision",    # or "tf": whose crop sampler and resize (data/augment.py)
         interpolation="bilinear",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         random_resized_crop=True,
         min_area=0.08,
         flip=True,
-        mixup_alpha=0.0,            # > 0: MixUp on half of every batch
-        cutmix=False,               # CutMix on the other half
-        randaugment_layers=0,
-        randaugment_magnitude=0.0,
+        mixup_alpha=0.0,            # > 0: rows mix two images, lambda ~ Beta(alpha, alpha)
+        cutmix=False,               # with MixUp: half the rows MixUp, half CutMix
+        randaugment_layers=0,       # RandAugment (TF1 AutoAugment ops, data/randaugment.py)
+        randaugment_magnitude=0.0,  # may exceed the nominal maximum 10
+        augment_before_mix=False,   # RandAugment on each image before mixing, else on the mix
         workers=0,                  # > 0: grain worker processes for decoding and augmentation
     ))
 
@@ -82,7 +84,7 @@ def local(c: ml_collections.ConfigDict, *, size: int = 32, batch: int = 64,
     c.data.update(dict(
         name="sklearn_digits", train_split="train", eval_split="test", num_classes=10,
         train_size=size, test_size=size, eval_preprocess="resize_shorter_crop",
-        crop_fraction=1.0, interpolation="bilinear",
+        crop_fraction=1.0,
         # Digits are not mirror-symmetric and fill the frame: mild crops, no flips.
         random_resized_crop=True, min_area=0.5, flip=False, randaugment_layers=0,
     ))

@@ -26,10 +26,11 @@ def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
         name="imagenet2012", train_split="train", eval_split="validation", num_classes=1000,
         train_size=train_size, test_size=test_size,
         eval_preprocess="resize_crop_32",   # whole image to test+32, centre crop test
-        interpolation="bicubic",
+        image_ops="tf", interpolation="bicubic",   # TF's crop sampler and unclamped resize
         random_resized_crop=True, min_area=0.08, flip=True,
         mixup_alpha=0.2, cutmix=True,       # MixUp on half the batch, CutMix on the other half
         randaugment_layers=4, randaugment_magnitude=float(RAND_AUGMENT_MAGNITUDE[k]),
+        augment_before_mix=False,           # RandAugment on the mixed images
     ))
     c.batch_size = 4096
     c.eval_batch_size = 256

@@ -24,7 +24,7 @@ def recipe(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(
         name="imagenet2012", train_split="train", eval_split="validation", num_classes=1000,
         train_size=224, test_size=224, eval_preprocess="resize_shorter_crop",
-        crop_fraction=0.875, interpolation="bilinear",
+        crop_fraction=0.875, image_ops="torchvision", interpolation="bilinear",
         random_resized_crop=True, min_area=0.08, flip=True,
     ))
     c.batch_size = 256

@@ -1,0 +1,247 @@
+"""RandAugment (Cubuk et al. 2020) as the TF1 AutoAugment code defines it, in NumPy.
+
+This is the version the NFNet recipe trains with (`../shared/reference/nfnet_spec.md` §12): every
+layer picks one of 16 operations uniformly and always applies it at the fixed magnitude M, with
+`MAX_LEVEL = 10` so M = 15 goes past the nominal maximum. Images are uint8 HWC in and out.
+
+The TF1 definitions are kept where they differ from the paper's intent, because they are what the
+published models saw:
+- Contrast blends towards a constant grey of (number of pixels / 256), clipped to 255 (the TF1
+  code divides the histogram's total instead of its weighted sum), not the mean grey level.
+- Solarize's threshold is int(M / 10 * 256): at M >= 10 no pixel reaches it, so it is the
+  identity.
+- Posterize keeps int(M / 10 * 4) bits: a larger magnitude posterizes less; 8 or more bits is
+  the identity (TF clamps the negative shift).
+- Geometric ops use nearest-neighbour sampling and fill uncovered pixels with FILL (128).
+"""
+
+import math
+
+import numpy as np
+
+MAX_LEVEL = 10.0
+TRANSLATE_CONSTANT = 100     # pixels at level MAX_LEVEL
+CUTOUT_CONSTANT = 40         # half-side in pixels at level MAX_LEVEL
+FILL = 128
+_GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)   # tf.image.rgb_to_grayscale
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """TF's float -> uint8 cast: clip to the range, then truncate toward zero."""
+    return np.clip(values, 0.0, 255.0).astype(np.uint8)
+
+
+def blend(image1: np.ndarray, image2: np.ndarray, factor: float) -> np.ndarray:
+    """image1 + factor * (image2 - image1): 0 gives image1, 1 image2, > 1 extrapolates."""
+    if factor == 0.0:
+        return image1.copy()
+    if factor == 1.0:
+        return image2.copy()
+    image1 = image1.astype(np.float32)
+    mixed = image1 + np.float32(factor) * (image2.astype(np.float32) - image1)
+    return _to_uint8(mixed)
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+    """HW uint8 luma as tf.image.rgb_to_grayscale computes it (scaled by 255.5, truncated)."""
+    luma = (image.astype(np.float32) / np.float32(255.0)) @ _GRAY_WEIGHTS
+    return (luma * np.float32(255.5)).astype(np.uint8)
+
+
+def _gray_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+# Pixel ops.
+
+
+def auto_contrast(image: np.ndarray) -> np.ndarray:
+    """Stretches each channel's [min, max] to [0, 255]; a flat channel is left alone."""
+    out = image.copy()
+    for c in range(image.shape[2]):
+        channel = image[:, :, c].astype(np.float32)
+        low, high = channel.min(), channel.max()
+        if high > low:
+            scale = np.float32(255.0) / (high - low)
+            out[:, :, c] = _to_uint8(channel * scale - low * scale)
+    return out
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation per channel, PIL's algorithm (the last occupied bin is not
+    counted in the step)."""
+    out = image.copy()
+    for c in range(image.shape[2]):
+        channel = image[:, :, c]
+        histogram = np.bincount(channel.ravel(), minlength=256)
+        occupied = histogram[histogram > 0]
+        step = (occupied.sum() - occupied[-1]) // 255
+        if step == 0:
+            continue
+        lut = (np.cumsum(histogram) + step // 2) // step
+        lut = np.clip(np.concatenate([[0], lut[:-1]]), 0, 255)
+        out[:, :, c] = lut[channel]
+    return out
+
+
+def invert(image: np.ndarray) -> np.ndarray:
+    return 255 - image
+
+
+def posterize(image: np.ndarray, bits: int) -> np.ndarray:
+    # TF clamps shift counts to [0, 7] for uint8.
+    shift = np.uint8(min(max(8 - bits, 0), 7))
+    return (image >> shift) << shift
+
+
+def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
+    return np.where(image < threshold, image, 255 - image)
+
+
+def solarize_add(image: np.ndarray, addition: int, threshold: int = 128) -> np.ndarray:
+    added = np.clip(image.astype(np.int64) + addition, 0, 255).astype(np.uint8)
+    return np.where(image < threshold, added, image)
+
+
+def color(image: np.ndarray, factor: float) -> np.ndarray:
+    return blend(_gray_rgb(grayscale(image)), image, factor)
+
+
+def contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    # TF1's "mean": the histogram's total count / 256 (see the module docstring).
+    grey = min(height * width / 256.0, 255.0)
+    degenerate = np.full(image.shape, np.uint8(grey), np.uint8)
+    return blend(degenerate, image, factor)
+
+
+def brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    return blend(np.zeros_like(image), image, factor)
+
+
+def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blends with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13) inside the 1-pixel
+    border; the border keeps its pixels."""
+    pixels = image.astype(np.float32)
+    height, width = image.shape[:2]
+    smooth = 4.0 * pixels[1:-1, 1:-1]    # centre weight 5 = this + the 3x3 sum's own 1
+    for dy in range(3):
+        for dx in range(3):
+            smooth = smooth + pixels[dy:dy + height - 2, dx:dx + width - 2]
+    degenerate = image.copy()
+    degenerate[1:-1, 1:-1] = _to_uint8(smooth / np.float32(13.0))
+    return blend(degenerate, image, factor)
+
+
+def cutout(image: np.ndarray, rng: np.random.Generator, half_side: int,
+           fill: int = FILL) -> np.ndarray:
+    """Fills a square of side 2 * half_side (clipped to the image) centred uniformly."""
+    height, width = image.shape[:2]
+    centre_y, centre_x = int(rng.integers(0, height)), int(rng.integers(0, width))
+    out = image.copy()
+    out[max(0, centre_y - half_side):min(height, centre_y + half_side),
+        max(0, centre_x - half_side):min(width, centre_x + half_side)] = fill
+    return out
+
+
+# Geometric ops: output pixel (x, y) reads input pixel transform(x, y), nearest neighbour.
+
+
+def _round_half_away(values: np.ndarray) -> np.ndarray:
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
+
+
+def affine(image: np.ndarray, matrix: tuple[float, ...], fill: int = FILL) -> np.ndarray:
+    """Samples input (a x + b y + c, d x + e y + f) for each output (x, y), as
+    tf.contrib.image.transform with NEAREST; uncovered pixels get `fill`."""
+    a, b, c, d, e, f = (np.float32(v) for v in matrix)
+    height, width = image.shape[:2]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    source_x = _round_half_away(a * x + b * y + c)
+    source_y = _round_half_away(d * x + e * y + f)
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    out = np.full_like(image, fill)
+    out[inside] = image[source_y[inside].astype(np.intp), source_x[inside].astype(np.intp)]
+    return out
+
+
+def rotate(image: np.ndarray, degrees: float, fill: int = FILL) -> np.ndarray:
+    """Counter-clockwise rotation about the image centre."""
+    height, width = image.shape[:2]
+    radians = math.radians(degrees)
+    cos, sin = math.cos(radians), math.sin(radians)
+    x_offset = ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2.0
+    y_offset = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
+    return affine(image, (cos, -sin, x_offset, sin, cos, y_offset), fill)
+
+
+def shear_x(image: np.ndarray, level: float, fill: int = FILL) -> np.ndarray:
+    return affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(image: np.ndarray, level: float, fill: int = FILL) -> np.ndarray:
+    return affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), fill)
+
+
+def translate_x(image: np.ndarray, pixels: float, fill: int = FILL) -> np.ndarray:
+    """Moves the content `pixels` to the left (right when negative)."""
+    return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def translate_y(image: np.ndarray, pixels: float, fill: int = FILL) -> np.ndarray:
+    return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+# Magnitude -> argument, and the layer loop.
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return value if rng.random() < 0.5 else -value
+
+
+def _enhance_factor(magnitude: float) -> float:
+    return magnitude / MAX_LEVEL * 1.8 + 0.1
+
+
+OPS = {
+    "AutoContrast": lambda im, m, rng: auto_contrast(im),
+    "Equalize": lambda im, m, rng: equalize(im),
+    "Invert": lambda im, m, rng: invert(im),
+    "Rotate": lambda im, m, rng: rotate(im, _signed(m / MAX_LEVEL * 30.0, rng)),
+    "Posterize": lambda im, m, rng: posterize(im, int(m / MAX_LEVEL * 4)),
+    "Solarize": lambda im, m, rng: solarize(im, int(m / MAX_LEVEL * 256)),
+    "Color": lambda im, m, rng: color(im, _enhance_factor(m)),
+    "Contrast": lambda im, m, rng: contrast(im, _enhance_factor(m)),
+    "Brightness": lambda im, m, rng: brightness(im, _enhance_factor(m)),
+    "Sharpness": lambda im, m, rng: sharpness(im, _enhance_factor(m)),
+    "ShearX": lambda im, m, rng: shear_x(im, _signed(m / MAX_LEVEL * 0.3, rng)),
+    "ShearY": lambda im, m, rng: shear_y(im, _signed(m / MAX_LEVEL * 0.3, rng)),
+    "TranslateX": lambda im, m, rng: translate_x(
+        im, _signed(m / MAX_LEVEL * TRANSLATE_CONSTANT, rng)),
+    "TranslateY": lambda im, m, rng: translate_y(
+        im, _signed(m / MAX_LEVEL * TRANSLATE_CONSTANT, rng)),
+    "Cutout": lambda im, m, rng: cutout(im, rng, int(m / MAX_LEVEL * CUTOUT_CONSTANT)),
+    "SolarizeAdd": lambda im, m, rng: solarize_add(im, int(m / MAX_LEVEL * 110)),
+}
+OP_NAMES = tuple(OPS)
+
+
+def apply_op(name: str, image: np.ndarray, magnitude: float,
+             rng: np.random.Generator) -> np.ndarray:
+    try:
+        op = OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown RandAugment op {name!r}; choose from {OP_NAMES}") from None
+    return op(image, float(magnitude), rng)
+
+
+def randaugment(image: np.ndarray, rng: np.random.Generator, layers: int,
+                magnitude: float) -> np.ndarray:
+    """`layers` ops, each drawn uniformly from the 16 and applied at `magnitude`."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"RandAugment takes uint8 HWC RGB images, got {image.dtype} "
+                         f"{image.shape}")
+    for _ in range(layers):
+        name = OP_NAMES[int(rng.integers(0, len(OP_NAMES)))]
+        image = apply_op(name, image, magnitude, rng)
+    return image
