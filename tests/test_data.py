@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from data import augment, builtin, pipeline, sources
+from data import builtin, decode, pipeline, sources
 
 GLOBAL_BATCH = 64
 
@@ -26,10 +26,10 @@ def make_cfg(data_dir, **overrides):
     cfg = ml_collections.ConfigDict(dict(
         name="sklearn_digits", data_dir=data_dir, train_split="train", eval_split="test",
         num_classes=10, train_size=32, test_size=32, eval_preprocess="resize_crop_32",
-        crop_fraction=0.875, interpolation="bicubic", mean=(123.675, 116.28, 103.53),
-        std=(58.395, 57.12, 57.375), random_resized_crop=True, min_area=0.08, flip=True,
-        mixup_alpha=0.0, cutmix=False, randaugment_layers=0, randaugment_magnitude=0.0,
-        workers=0,
+        crop_fraction=0.875, image_ops="tf", interpolation="bicubic",
+        mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), random_resized_crop=True,
+        min_area=0.08, flip=True, mixup_alpha=0.0, cutmix=False, randaugment_layers=0,
+        randaugment_magnitude=0.0, augment_before_mix=False, workers=0,
     ))
     cfg.update(overrides)
     return cfg
@@ -79,7 +79,8 @@ def test_builtin_images_are_the_sklearn_digits(digits_dir):
     digits = load_digits()
     test = sources.open_source("sklearn_digits", "test", digits_dir)
     # TFDS stores examples in hashed-key order; compare as sets of (image bytes, label).
-    stored = {(test[i]["image"].tobytes(), int(test[i]["label"])) for i in range(len(test))}
+    stored = {(decode.decode(test[i]["image"]).tobytes(), int(test[i]["label"]))
+              for i in range(len(test))}
     expected = {(np.asarray(builtin.digit_to_image(digits.images[i])).tobytes(),
                  int(digits.target[i])) for i in builtin.split_indices(len(digits.target), "test")}
     assert stored == expected
@@ -136,15 +137,21 @@ def test_train_batches_shapes_and_targets(digits_dir):
     assert batch["images"].dtype == batch["targets"].dtype == np.float32
     assert batch["targets"].shape == (GLOBAL_BATCH, 10)
     assert set(np.unique(batch["targets"])) == {0.0, 1.0}
-    assert iterator.num_examples == 1437 and iterator.steps_per_epoch == 1437 // GLOBAL_BATCH
+    assert iterator.num_examples == 1437
     # Normalised: roughly centred on the digits' black background, not raw pixels.
     assert -3 < batch["images"].min() < -1.5 and batch["images"].max() < 3
     json.dumps(iterator.get_state())
 
 
-def test_two_processes_concatenate_to_one(digits_dir):
-    cfg = make_cfg(digits_dir)
-    steps_per_epoch = 1437 // GLOBAL_BATCH
+# The NFNet recipe's augmentation, which reads two examples per row.
+NFNET_AUGMENT = dict(mixup_alpha=0.2, cutmix=True, randaugment_layers=4,
+                     randaugment_magnitude=15.0)
+
+
+@pytest.mark.parametrize("augment", [{}, NFNET_AUGMENT], ids=["plain", "nfnet"])
+def test_two_processes_concatenate_to_one(digits_dir, augment):
+    cfg = make_cfg(digits_dir, **augment)
+    steps_per_epoch = 1437 // (GLOBAL_BATCH * (2 if augment else 1))
     # Starting one step before an epoch ends covers the reshuffle too.
     start = {"step": steps_per_epoch - 1, "seed": 3, "global_batch": GLOBAL_BATCH}
     shards = []
@@ -170,7 +177,7 @@ def test_epoch_permutation_covers_split_once(digits_dir):
     for process_index in (0, 1):
         sharding = pipeline.Sharding(GLOBAL_BATCH, process_index, 2)
         for step in range(steps_per_epoch):
-            _, indices = pipeline.train_example_indices(7, step, sharding, num_examples)
+            _, indices = pipeline.stream_examples(7, step, sharding, num_examples)
             seen[process_index].extend(indices.tolist())
     everything = seen[0] + seen[1]
     assert not set(seen[0]) & set(seen[1])
@@ -178,9 +185,18 @@ def test_epoch_permutation_covers_split_once(digits_dir):
     assert set(everything) <= set(range(num_examples))
     # The next epoch draws a new permutation.
     sharding = pipeline.Sharding(GLOBAL_BATCH, 0, 1)
-    _, first = pipeline.train_example_indices(7, 0, sharding, num_examples)
-    _, next_epoch = pipeline.train_example_indices(7, steps_per_epoch, sharding, num_examples)
+    _, first = pipeline.stream_examples(7, 0, sharding, num_examples)
+    _, next_epoch = pipeline.stream_examples(7, steps_per_epoch, sharding, num_examples)
     assert not np.array_equal(first, next_epoch)
+    # Rows that mix read two consecutive stream examples each: an epoch takes half the steps.
+    positions, pairs = pipeline.stream_examples(7, 1, sharding, num_examples, 2)
+    np.testing.assert_array_equal(positions, np.arange(2 * GLOBAL_BATCH, 4 * GLOBAL_BATCH))
+    np.testing.assert_array_equal(pairs, pipeline.epoch_permutation(7, 0, num_examples)[
+        2 * GLOBAL_BATCH:4 * GLOBAL_BATCH])
+    _, wrapped = pipeline.stream_examples(7, 1437 // (2 * GLOBAL_BATCH), sharding, num_examples,
+                                          2)
+    np.testing.assert_array_equal(wrapped, pipeline.epoch_permutation(7, 1, num_examples)[
+        :2 * GLOBAL_BATCH])
 
 
 def test_batches_hold_the_permuted_examples(digits_dir):
@@ -190,18 +206,17 @@ def test_batches_hold_the_permuted_examples(digits_dir):
                                    process_count=2)
     iterator.set_state({"step": 4, "seed": 5, "global_batch": GLOBAL_BATCH})
     batch = next(iterator)
-    _, indices = pipeline.train_example_indices(5, 4, sharding, 1437)
+    _, indices = pipeline.stream_examples(5, 4, sharding, 1437)
     source = sources.open_source("sklearn_digits", "train", digits_dir)
     recipe = pipeline.Recipe.from_config(cfg)
-    expected = np.stack([pipeline._eval_image(source[int(i)]["image"], recipe) for i in indices])
-    np.testing.assert_array_equal(batch["images"],
-                                  augment.normalize(expected, cfg.mean, cfg.std))
+    expected = np.stack([pipeline.eval_image(source[int(i)]["image"], recipe) for i in indices])
+    np.testing.assert_array_equal(batch["images"], expected)
     labels = [source[int(i)]["label"] for i in indices]
     np.testing.assert_array_equal(batch["targets"].argmax(1), labels)
 
 
 def test_resume_continues_with_the_same_batches(digits_dir):
-    cfg = make_cfg(digits_dir, mixup_alpha=0.2, cutmix=True)
+    cfg = make_cfg(digits_dir, **NFNET_AUGMENT)
     original = data.train_iterator(cfg, global_batch=GLOBAL_BATCH, seed=1)
     take(original, 3)
     state = json.loads(json.dumps(original.get_state()))
@@ -229,8 +244,13 @@ def test_worker_processes_give_the_same_batches(digits_dir):
 
 
 def test_config_errors(digits_dir):
-    with pytest.raises(NotImplementedError, match="randaugment_layers=0"):
-        data.train_iterator(make_cfg(digits_dir, randaugment_layers=2), global_batch=8, seed=0)
+    with pytest.raises(ValueError, match="image_ops='tf' resizes bicubically"):
+        data.train_iterator(make_cfg(digits_dir, interpolation="bilinear"), global_batch=8,
+                            seed=0)
+    with pytest.raises(ValueError, match="unknown data.image_ops 'pil'; choose from"):
+        data.train_iterator(make_cfg(digits_dir, image_ops="pil"), global_batch=8, seed=0)
+    with pytest.raises(ValueError, match=r"a step reads 1600 examples \(global batch 800 x 2"):
+        data.train_iterator(make_cfg(digits_dir, cutmix=True), global_batch=800, seed=0)
     with pytest.raises(ValueError, match="divisible"):
         data.train_iterator(make_cfg(digits_dir), global_batch=9, seed=0, process_count=2)
     with pytest.raises(ValueError, match="classes"):
@@ -263,104 +283,174 @@ def test_eval_counts_every_example_once_in_order(digits_dir):
     assert not whole[-1]["images"][60:].any()
 
 
-# Augmentation.
+# Mixing inside the pipeline, on images whose pixels say which example they are.
 
 
-@pytest.mark.parametrize("min_area", [0.08, 0.5])
-def test_random_resized_crop_box_ranges(min_area):
-    rng = np.random.default_rng(0)
-    height, width = 200, 300
-    for _ in range(300):
-        top, left, crop_height, crop_width = augment.random_resized_crop_box(
-            rng, height, width, min_area)
-        assert 0 <= top <= height - crop_height
-        assert 0 <= left <= width - crop_width
-        # Rounding to whole pixels moves area and aspect by at most about a pixel's worth.
-        area = crop_height * crop_width / (height * width)
-        assert min_area - 0.01 <= area <= 1.0
-        assert 3 / 4 - 0.02 <= crop_width / crop_height <= 4 / 3 + 0.02
+def constant_source(count, size=16):
+    return [{"image": np.full((size, size, 3), 10 * i, np.uint8), "label": i}
+            for i in range(count)]
 
 
-def test_random_resized_crop_falls_back_to_centre():
-    # A 10x100 strip admits no crop of area >= 0.9 with aspect <= 4/3: centre crop at 4/3.
-    box = augment.random_resized_crop_box(np.random.default_rng(0), 10, 100, min_area=0.9)
-    assert box == (0, 43, 10, 13)
-    image = np.random.default_rng(0).integers(0, 256, (10, 100, 3), dtype=np.uint8)
-    out = augment.random_resized_crop(image, np.random.default_rng(0), 24, 0.9, "bilinear")
-    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+def test_mixed_rows_pair_consecutive_stream_examples():
+    cfg = make_cfg("", num_classes=20, image_ops="torchvision", interpolation="bilinear",
+                   random_resized_crop=False, flip=False, mixup_alpha=0.2, cutmix=True,
+                   mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), train_size=16, test_size=16)
+    source = constant_source(20)
+    sharding = pipeline.Sharding(4, 1, 2)
+    make_batch = pipeline.TrainBatchMaker(source, pipeline.Recipe.from_config(cfg), sharding, 3)
+    kinds = set()
+    for step in range(2):
+        batch = make_batch(step)
+        _, indices = pipeline.stream_examples(3, step, sharding, 20, examples_per_row=2)
+        for i, row in enumerate(sharding.global_positions(step)):
+            first, second = indices[2 * i], indices[2 * i + 1]
+            image, target = batch["images"][i], batch["targets"][i]
+            lam = target[first]
+            assert target.sum() == pytest.approx(1.0, abs=1e-6)
+            assert target[second] == pytest.approx(1.0 - lam, abs=1e-6)
+            if row % 2 == 0:    # MixUp: one blended value everywhere
+                kinds.add("mixup")
+                np.testing.assert_allclose(image, lam * 10 * first + (1 - lam) * 10 * second,
+                                           rtol=1e-5)
+            else:               # CutMix: a box of the first image on the second
+                kinds.add("cutmix")
+                from_first = image[:, :, 0] == 10 * first
+                assert set(np.unique(image)) <= {10.0 * first, 10.0 * second}
+                assert from_first.mean() == pytest.approx(lam)
+                if from_first.any():
+                    rows, cols = np.nonzero(from_first)
+                    box = from_first[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+                    assert box.all()
+    assert kinds == {"mixup", "cutmix"}
 
 
-def test_flip_is_an_involution():
-    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    assert not np.array_equal(augment.flip(image), image)
-    np.testing.assert_array_equal(augment.flip(augment.flip(image)), image)
-    flips = {augment.random_flip(image, np.random.default_rng(s)).tobytes() for s in range(20)}
-    assert flips == {image.tobytes(), augment.flip(image).tobytes()}
+def test_randaugment_runs_after_mixing_by_default():
+    def batch(**overrides):
+        cfg = make_cfg("", num_classes=20, random_resized_crop=False, flip=False,
+                       mixup_alpha=0.2, randaugment_layers=2, randaugment_magnitude=9.0,
+                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **overrides)
+        recipe = pipeline.Recipe.from_config(cfg)
+        return pipeline.TrainBatchMaker(constant_source(20, 32), recipe,
+                                        pipeline.Sharding(2, 0, 1), 0)(0)["images"]
+
+    after, before = batch(), batch(augment_before_mix=True)
+    # RandAugment's uint8 output is whole numbers; MixUp afterwards blends them into fractions.
+    assert np.array_equal(after, np.round(after))
+    assert not np.array_equal(before, np.round(before))
 
 
-def test_eval_preprocess_shapes():
-    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    for method in augment.EVAL_PREPROCESSORS:
-        out = augment.eval_preprocess(image, method, 32, 0.875, "bicubic")
-        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    # Shorter side 50 -> round(32 / 0.875) = 37, so width 70 -> 52; the crop is its centre.
-    resized = augment.resize(image, 37, 52, "bicubic")
-    np.testing.assert_array_equal(augment.resize_shorter_crop(image, 32, 0.875, "bicubic"),
-                                  resized[2:34, 10:42])
-    np.testing.assert_array_equal(augment.resize_crop_32(image, 32, "bilinear"),
-                                  augment.resize(image, 64, 64, "bilinear")[16:48, 16:48])
-    gray = augment.to_rgb(image[:, :, :1])
-    assert gray.shape == (50, 70, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+# Other sources: a TFDS dataset of JPEGs read like ImageNet, and image folders.
 
 
-def test_normalize_and_one_hot():
-    images = np.full((1, 2, 2, 3), 128, np.uint8)
-    out = augment.normalize(images, (128.0, 0.0, 64.0), (1.0, 2.0, 64.0))
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out[0, 0, 0], [0.0, 64.0, 1.0])
-    np.testing.assert_array_equal(augment.one_hot([2, 0], 3), [[0, 0, 1], [1, 0, 0]])
+def jpeg_bytes(value, size=(40, 30)):
+    import io
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(value).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
-def test_mixup_targets():
-    images = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
-    targets = augment.one_hot([0, 1, 2, 3], 5)
-    mixed, mixed_targets, lam = augment.mixup(images, targets, np.random.default_rng(1), 0.2)
-    assert 0 <= lam <= 1 and mixed.dtype == np.float32 and mixed_targets.dtype == np.float32
-    np.testing.assert_allclose(mixed_targets.sum(1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(mixed_targets[0], [lam, 0, 0, 1 - lam, 0], rtol=1e-6)
-    np.testing.assert_allclose(mixed[0], lam * images[0] + (1 - lam) * images[3], rtol=1e-5)
+TINY_EXAMPLES = 24
 
 
-def test_cutmix_box_area_is_one_minus_lambda():
-    height, width = 20, 30
-    # Image i is constant i, so the pixels of image 0 equal to 3 came from its partner.
-    images = np.broadcast_to(np.arange(4, dtype=np.float32)[:, None, None, None],
-                             (4, height, width, 3)).copy()
-    targets = augment.one_hot([0, 1, 2, 3], 4)
-    lams = []
-    for seed in range(30):
-        mixed, mixed_targets, lam = augment.cutmix(images, targets, np.random.default_rng(seed))
-        lams.append(lam)
-        pasted = (mixed[0, :, :, 0] == 3).mean()
-        assert pasted == pytest.approx(1 - lam)
-        np.testing.assert_allclose(mixed_targets[0], [lam, 0, 0, 1 - lam], rtol=1e-6)
-        np.testing.assert_allclose(mixed_targets.sum(1), 1.0, rtol=1e-6)
-        top, left, box_height, box_width = augment.cutmix_box(np.random.default_rng(seed),
-                                                              height, width)
-        assert 0 <= top <= top + box_height <= height and 0 <= left <= left + box_width <= width
-    assert min(lams) < 0.5 < max(lams)
+@pytest.fixture(scope="session")
+def tiny_jpeg_dir(tmp_path_factory):
+    """A TFDS dataset of JPEG images with one class per example, in array_record format."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from etils import epath
+
+    class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = epath.Path(__file__)    # else TFDS looks it up with importlib_resources
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=TINY_EXAMPLES)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(TINY_EXAMPLES):
+                # Encoded bytes are stored as they are, so no TensorFlow is needed.
+                yield i, {"image": io.BytesIO(jpeg_bytes(i, (40 + i, 30))), "label": i}
+
+    directory = tmp_path_factory.mktemp("tiny_tfds")
+    TinyJpegs(data_dir=str(directory), file_format="array_record").download_and_prepare()
+    return str(directory)
 
 
-def test_mix_batch_mixup_first_half_cutmix_second():
-    images = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None, None],
-                             (8, 16, 16, 3)).copy()
-    targets = augment.one_hot(np.arange(8), 8)
-    mixed, mixed_targets = augment.mix_batch(images, targets, np.random.default_rng(0), 0.5,
-                                             True)
-    np.testing.assert_allclose(mixed_targets.sum(1), 1.0, rtol=1e-6)
-    # MixUp pairs rows 0-3 among themselves, CutMix rows 4-7.
-    assert (mixed_targets[:4, 4:] == 0).all() and (mixed_targets[4:, :4] == 0).all()
-    assert len(np.unique(mixed[0])) == 1  # MixUp blends whole images ...
-    assert set(np.unique(mixed[4])) <= {4.0, 7.0}  # ... CutMix pastes pixels.
-    lam = mixed_targets[0, 0]
-    assert math.isclose(mixed[0, 0, 0, 0], lam * 0 + (1 - lam) * 3, rel_tol=1e-5)
+def test_tfds_jpeg_dataset_two_processes_and_resume(tiny_jpeg_dir):
+    cfg = make_cfg(tiny_jpeg_dir, name="tiny_jpegs", num_classes=TINY_EXAMPLES, train_size=24)
+    source = sources.open_source("tiny_jpegs", "train", tiny_jpeg_dir)
+    assert isinstance(source[0]["image"], bytes) and source[0]["image"][:2] == b"\xff\xd8"
+    steps_per_epoch = TINY_EXAMPLES // 4
+    seen = []
+    for process_index in (0, 1):
+        iterator = data.train_iterator(cfg, global_batch=4, seed=11,
+                                       process_index=process_index, process_count=2)
+        batches = take(iterator, steps_per_epoch)
+        assert batches[0]["images"].shape == (2, 24, 24, 3)
+        seen.append([int(label) for b in batches for label in b["targets"].argmax(1)])
+        # A fresh iterator resumed at step 2 continues with the same examples and pixels.
+        resumed = data.train_iterator(cfg, global_batch=4, seed=11,
+                                      process_index=process_index, process_count=2)
+        resumed.set_state({"step": 2, "seed": 11, "global_batch": 4})
+        assert_batches_equal(batches[2:], take(resumed, steps_per_epoch - 2))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(TINY_EXAMPLES))
+
+
+def make_image_folder(root):
+    layout = {"train": {"dog": 3, "cat": 2}, "validation": {"cat": 1, "bird": 2}}
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                (root / split / name / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    return layout
+
+
+def test_image_folder_source(tmp_path):
+    make_image_folder(tmp_path)
+    # Classes are the sorted union over splits: bird 0, cat 1, dog 2.
+    assert sources.num_classes("image_folder", str(tmp_path)) == 3
+    train = sources.open_source("image_folder", "train", str(tmp_path))
+    assert [train[i]["label"] for i in range(len(train))] == [1, 1, 2, 2, 2]
+    validation = sources.open_source("image_folder", "validation", str(tmp_path))
+    assert [validation[i]["label"] for i in range(len(validation))] == [0, 0, 1]
+    cfg = make_cfg(str(tmp_path), name="image_folder", train_split="train",
+                   eval_split="validation", num_classes=3, workers=1)
+    batch = next(data.train_iterator(cfg, global_batch=4, seed=0))
+    assert batch["images"].shape == (4, 32, 32, 3)
+    evals = list(data.eval_batches(cfg, global_batch=2))
+    assert [int(b["mask"].sum()) for b in evals] == [2, 1]
+    assert np.concatenate([b["labels"] for b in evals])[:3].tolist() == [0, 0, 1]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(data.DatasetNotFoundError, match="does not exist"):
+        sources.open_source("image_folder", "train", str(tmp_path / "missing"))
+    make_image_folder(tmp_path)
+    with pytest.raises(data.DatasetNotFoundError, match="no split 'test'"):
+        sources.open_source("image_folder", "test", str(tmp_path))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(data.DatasetNotFoundError, match="no images"):
+        sources.open_source("image_folder", "empty", str(tmp_path))
+
+
+def test_eval_preprocessor_matches_eval_batches(digits_dir):
+    cfg = make_cfg(digits_dir)
+    source = sources.open_source("sklearn_digits", "test", digits_dir)
+    preprocess = data.eval_preprocessor(cfg)
+    batch = next(iter(data.eval_batches(cfg, global_batch=8)))
+    expected = np.stack([preprocess(source[i]["image"]) for i in range(8)])
+    np.testing.assert_array_equal(batch["images"], expected)
+    # Decoded arrays go through the same steps as encoded bytes.
+    np.testing.assert_array_equal(preprocess(decode.decode(source[0]["image"])), expected[0])
