@@ -29,15 +29,10 @@ def _resample(interpolation: str) -> Image.Resampling:
         ) from None
 
 
-def pil(image: np.ndarray, height: int, width: int, interpolation: str,
-        box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Resizes (the `box` = (top, left, height, width) region of) an HWC uint8 image."""
-    pil_box = None
-    if box is not None:
-        top, left, box_height, box_width = box
-        pil_box = (left, top, left + box_width, top + box_height)
-    # PIL crops and resizes in one pass when given a box, reading only the pixels it needs.
-    resized = Image.fromarray(image).resize((width, height), _resample(interpolation), box=pil_box)
+def pil(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+    """Resizes an HWC uint8 image with PIL. (A crop is cut out first, as torchvision does:
+    PIL's own `box` argument would let the filter read pixels outside the crop.)"""
+    resized = Image.fromarray(image).resize((width, height), _resample(interpolation))
     return np.asarray(resized)
 
 
