@@ -81,10 +81,22 @@ def logged_steps(workdir):
             if '"train/loss"' in line]
 
 
+# Runs train.py as __main__ and says, as the interpreter exits, whether TensorFlow was imported.
+IMPORT_PROBE = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path('train.py', run_name='__main__')\n"
+)
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("straight")
-    result = run_train(workdir, data_dir)
+    command = [sys.executable, "-c", IMPORT_PROBE, *train_command(workdir, data_dir)[1:]]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                            env=environment(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, result
 
 
@@ -102,7 +114,16 @@ def test_train_py_end_to_end(straight_run):
     assert any((workdir / "tensorboard").iterdir())
     meta = json.loads((workdir / "checkpoints" / "12" / "meta" / "metadata").read_text())
     assert meta["signature"]["model"] == "resnet18"
-    assert json.loads(meta["config"])["data"]["eval_preprocess"] == "resize_shorter_crop"
+    # The preprocessing travels with the weights.
+    recorded = json.loads(meta["config"])["data"]
+    assert recorded["eval_preprocess"] == "resize_shorter_crop"
+    assert recorded["image_ops"] == "torchvision" and recorded["interpolation"] == "bilinear"
+
+
+def test_training_never_imports_tensorflow(straight_run):
+    pytest.importorskip("tensorflow")   # installed (the test extra has it), yet not imported
+    _, result = straight_run
+    assert result.stdout.splitlines()[-1] == "tensorflow imported: False"
 
 
 def test_rerun_resumes_a_finished_run(straight_run, data_dir):
