@@ -117,7 +117,6 @@ def test_missing_dataset_error_says_how_to_get_it(tmp_path):
         assert part in message
     with pytest.raises(data.DatasetNotFoundError, match="no_such_dataset"):
         sources.open_source("no_such_dataset", "train", str(tmp_path))
-    assert "tensorflow" not in sys.modules
 
 
 def test_sizes_and_classes(digits_dir):
