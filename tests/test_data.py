@@ -1,7 +1,6 @@
 """The input pipeline: built-in dataset, sources, augmentation, sharding, resumption, eval."""
 
 import json
-import math
 import subprocess
 import sys
 
