@@ -15,6 +15,7 @@ published models saw:
 - Geometric ops use nearest-neighbour sampling and fill uncovered pixels with FILL (128).
 """
 
+import functools
 import math
 
 import numpy as np
@@ -151,18 +152,25 @@ def _round_half_away(values: np.ndarray) -> np.ndarray:
     return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    return x, y
+
+
 def affine(image: np.ndarray, matrix: tuple[float, ...], fill: int = FILL) -> np.ndarray:
     """Samples input (a x + b y + c, d x + e y + f) for each output (x, y), as
     tf.contrib.image.transform with NEAREST; uncovered pixels get `fill`."""
     a, b, c, d, e, f = (np.float32(v) for v in matrix)
     height, width = image.shape[:2]
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    x, y = _pixel_grid(height, width)
     source_x = _round_half_away(a * x + b * y + c)
     source_y = _round_half_away(d * x + e * y + f)
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
-    out = np.full_like(image, fill)
-    out[inside] = image[source_y[inside].astype(np.intp), source_x[inside].astype(np.intp)]
-    return out
+    flat = (np.clip(source_y, 0, height - 1).astype(np.intp) * width
+            + np.clip(source_x, 0, width - 1).astype(np.intp))
+    sampled = image.reshape(height * width, -1)[flat]
+    return np.where(inside[:, :, None], sampled, np.uint8(fill))
 
 
 def rotate(image: np.ndarray, degrees: float, fill: int = FILL) -> np.ndarray:

@@ -64,7 +64,14 @@ def tf_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """HWC image -> (height, width, C) float32, as tf.image.resize(..., "bicubic")."""
     rows, row_weights = _tf_bicubic_taps(image.shape[0], height)
     cols, col_weights = _tf_bicubic_taps(image.shape[1], width)
-    pixels = image.astype(np.float32)
-    # Four taps per axis: gathering them is far cheaper than a dense resampling matrix.
-    vertical = np.einsum("hk,hkwc->hwc", row_weights, pixels[rows])
-    return np.einsum("wk,hwkc->hwc", col_weights, vertical[:, cols])
+    # Four taps per axis: weighted sums of gathered rows, then of gathered columns (on the
+    # transposed array, so each gather reads contiguous memory). A dense resampling matrix
+    # would be ~50x the arithmetic.
+    vertical = row_weights[:, 0, None, None] * image[rows[:, 0]]
+    for k in range(1, 4):
+        vertical += row_weights[:, k, None, None] * image[rows[:, k]]
+    columns_first = np.ascontiguousarray(vertical.transpose(1, 0, 2))
+    out = col_weights[:, 0, None, None] * columns_first[cols[:, 0]]
+    for k in range(1, 4):
+        out += col_weights[:, k, None, None] * columns_first[cols[:, k]]
+    return out.transpose(1, 0, 2)
