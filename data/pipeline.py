@@ -240,8 +240,18 @@ class EvalBatchMaker:
         return {"images": images, "labels": labels, "mask": mask}
 
 
+def worker_count(workers: int) -> int:
+    """data.workers: 0 = threads in this process, N > 0 = N processes, -1 = one per core."""
+    if workers < -1:
+        raise ValueError(f"data.workers must be -1 (one per core), 0 (threads) or a process "
+                         f"count; got {workers}")
+    return (os.cpu_count() or 1) if workers == -1 else workers
+
+
 def _iterate(steps: grain.MapDataset, workers: int) -> grain.DatasetIterator:
-    """Batches of `steps` in order, built in threads (workers=0) or worker processes."""
+    """Batches of `steps` in order, built in threads (workers=0) or worker processes, which
+    scale with cores where threads contend for the GIL (bench/input_pipeline.py)."""
+    workers = worker_count(workers)
     if workers > 0:
         if not flags.FLAGS.is_parsed():
             # grain's multiprocessing reads its absl flags; a program without absl.app (tests,

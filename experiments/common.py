@@ -42,7 +42,8 @@ def base() -> ml_collections.ConfigDict:
         randaugment_layers=0,       # RandAugment (TF1 AutoAugment ops, data/randaugment.py)
         randaugment_magnitude=0.0,  # may exceed the nominal maximum 10
         augment_before_mix=False,   # RandAugment on each image before mixing, else on the mix
-        workers=0,                  # > 0: grain worker processes for decoding and augmentation
+        workers=0,                  # grain worker processes decoding and augmenting; 0: threads
+                                    # in the trainer's process, -1: one process per core
     ))
 
     c.batch_size = 256              # global, over all devices and hosts
@@ -87,6 +88,7 @@ def local(c: ml_collections.ConfigDict, *, size: int = 32, batch: int = 64,
         crop_fraction=1.0,
         # Digits are not mirror-symmetric and fill the frame: mild crops, no flips.
         random_resized_crop=True, min_area=0.5, flip=False, randaugment_layers=0,
+        workers=0,                  # 32 px images: threads beat starting processes
     ))
     c.batch_size = batch
     c.eval_batch_size = 120

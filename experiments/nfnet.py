@@ -28,6 +28,7 @@ def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
         eval_preprocess="resize_crop_32",   # whole image to test+32, centre crop test
         image_ops="tf", interpolation="bicubic",   # TF's crop sampler and unclamped resize
         random_resized_crop=True, min_area=0.08, flip=True,
+        workers=-1,                         # one decoding process per core
         mixup_alpha=0.2, cutmix=True,       # MixUp on half the batch, CutMix on the other half
         randaugment_layers=4, randaugment_magnitude=float(RAND_AUGMENT_MAGNITUDE[k]),
         augment_before_mix=False,           # RandAugment on the mixed images

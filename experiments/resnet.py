@@ -26,6 +26,7 @@ def recipe(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
         train_size=224, test_size=224, eval_preprocess="resize_shorter_crop",
         crop_fraction=0.875, image_ops="torchvision", interpolation="bilinear",
         random_resized_crop=True, min_area=0.08, flip=True,
+        workers=-1,                         # one decoding process per core
     ))
     c.batch_size = 256
     c.eval_batch_size = 250

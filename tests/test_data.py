@@ -1,6 +1,7 @@
 """The input pipeline: built-in dataset, sources, augmentation, sharding, resumption, eval."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -239,6 +240,13 @@ def test_worker_processes_give_the_same_batches(digits_dir):
     workers = data.train_iterator(make_cfg(digits_dir, workers=1), global_batch=16, seed=0)
     assert_batches_equal(take(threads, 2), take(workers, 2))
     workers.close()
+
+
+def test_worker_count():
+    assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3
+    assert pipeline.worker_count(-1) == os.cpu_count()
+    with pytest.raises(ValueError, match="data.workers must be -1"):
+        pipeline.worker_count(-2)
 
 
 def test_config_errors(digits_dir):
