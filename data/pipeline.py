@@ -30,7 +30,8 @@ from data import augment, decode, randaugment, resize, sources
  _RANDAUGMENT_ROW_STREAM) = range(5)
 # Steps a train iterator can run; far beyond any run, and finite because grain needs a length.
 _MAX_STEPS = 2**40
-# Threads build whole batches, one each; decoding (PIL) releases the GIL.
+# Threads (workers=0) build whole batches, one each: enough for small images; NumPy's small ops
+# hold the GIL, so large images want worker processes.
 _MAX_THREADS = 16
 _THREADS_PER_WORKER = 2
 _PREFETCH_BATCHES = 4
