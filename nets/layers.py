@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Padding = Literal["torch", "same"] | int
+# "torch", "same", pixels on every side, or explicit (low, high) pairs, one per spatial dim.
+Padding = Literal["torch", "same"] | int | Sequence[tuple[int, int]]
 Lowering = Literal["auto", "auto_in_loop", "native", "cpu", "cpu_loop"]
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +59,15 @@ def conv_padding(padding: Padding, in_size: Sequence[int], kernel: Sequence[int]
     "torch": symmetric, `dilation * (k - 1) // 2` on each side (PyTorch's usual `padding=k//2`).
     "same": TensorFlow's SAME (output = ceil(in / stride), the odd pixel on the high side).
     int: that many pixels on each side.
+    ((low, high), ...): exactly these, one pair per spatial dim (e.g. Keras MobileNet's
+    ZeroPadding2D(((0, 1), (0, 1))) before its stride-2 convs).
     """
+    if not isinstance(padding, (str, int)):
+        pads = [tuple(map(int, p)) for p in padding]
+        if len(pads) != len(in_size) or any(len(p) != 2 for p in pads):
+            raise ValueError(f"explicit padding needs one (low, high) pair per spatial dim, "
+                             f"got {padding!r}")
+        return pads
     pads = []
     for n, k, s, d in zip(in_size, kernel, stride, dilation):
         extent = d * (k - 1) + 1
@@ -486,3 +495,13 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None,
     min_value = min_value or divisor
     rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < round_limit * value else rounded
+
+
+def channel_shuffle(x, groups: int):
+    """ShuffleNet's channel shuffle: channel g * (C / groups) + i moves to i * groups + g, so that
+    the next grouped conv sees channels from every group (NCHW view(g, C/g).transpose, in NHWC)."""
+    c = x.shape[-1]
+    if c % groups:
+        raise ValueError(f"channel_shuffle: {c} channels do not divide into {groups} groups")
+    x = x.reshape(*x.shape[:-1], groups, c // groups)
+    return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], c)

@@ -58,6 +58,25 @@ def test_same_padding_is_tensorflows():
     assert layers.conv_padding("same", (10,), (3,), (2,), (1,)) == [(0, 1)]
 
 
+def test_explicit_padding_pairs_are_used_as_given():
+    x, w = _rand(1, 9, 9, 3), _rand(3, 3, 3, 4, seed=1)
+    ours = layers.conv(x, w, stride=2, padding=((0, 1), (0, 1)), lowering="native")
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    valid = jax.lax.conv_general_dilated(padded, w, (2, 2), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(ours, valid, atol=1e-5)
+    with pytest.raises(ValueError, match="one \\(low, high\\) pair per spatial dim"):
+        layers.conv_padding(((0, 1),), (9, 9), (3, 3), (2, 2), (1, 1))
+
+
+def test_channel_shuffle_interleaves_the_groups():
+    x = np.arange(6, dtype=np.float32).reshape(1, 1, 1, 6)
+    np.testing.assert_array_equal(layers.channel_shuffle(x, 2)[0, 0, 0], [0, 3, 1, 4, 2, 5])
+    np.testing.assert_array_equal(layers.channel_shuffle(x, 3)[0, 0, 0], [0, 2, 4, 1, 3, 5])
+    with pytest.raises(ValueError, match="do not divide into 4 groups"):
+        layers.channel_shuffle(x, 4)
+
+
 @pytest.mark.parametrize("kernel,stride,dilation,size", [(7, 2, 1, 15), (3, 1, 2, 9), (3, 2, 1, 8)])
 def test_torch_padding_matches_pytorch_conv2d(kernel, stride, dilation, size):
     torch = reference.torch()
