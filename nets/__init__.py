@@ -16,10 +16,10 @@ import re
 
 import haiku as hk
 
-from nets import layers, nfnet, resnet_family
+from nets import efficientnet, layers, mobilenet, nfnet, resnet_family, shufflenet
 from nets.registry import ModelInfo, Preprocessing, module_path
 
-_FAMILIES = (resnet_family, nfnet)
+_FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet)
 _MODELS: dict[str, ModelInfo] = {}
 for _family in _FAMILIES:
     for _info in _family.VARIANTS:

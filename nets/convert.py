@@ -2,15 +2,18 @@
 
 Conversion is driven by our own parameter tree: every leaf of the model (found with
 `jax.eval_shape`, nothing is computed) is looked up under the reference's name, its layout is
-changed (PyTorch OIHW -> HWIO, (out, in) -> (in, out)) and its shape checked. Every one of our
-leaves must be found and every reference tensor used; otherwise the error lists what is missing,
-unexpected or mismatched.
+changed (PyTorch OIHW -> HWIO, (out, in) -> (in, out); Keras' depthwise (k, k, C, 1) and 1x1
+dense convs reshaped) and its shape checked. Every one of our leaves must be found and every
+reference tensor used; otherwise the error lists what is missing, unexpected or mismatched.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -206,3 +209,124 @@ def to_nfnet_official(name: str, params, **overrides) -> dict[str, dict[str, np.
                 official_module = "/~/".join(key.split("/")[:-1])
                 out.setdefault(official_module, {})[leaf] = np.asarray(array)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# keras.applications: a Keras model, a .keras archive or a legacy .h5 file (model or weights,
+# with or without the top: the files keras.applications downloads).
+
+# Keras' per-layer weight order: Conv2D/Dense [kernel, bias], BatchNormalization [gamma, beta,
+# moving_mean, moving_variance].
+_KERAS_LEAF_INDEX = {"w": 0, "b": 1, "scale": 0, "offset": 1, "mean": 2, "var": 3}
+# EfficientNet's in-model input scaling; our models take images already normalised
+# (the registry entry's preprocessing), so these layers carry nothing to convert.
+_KERAS_INPUT_LAYERS = ("rescaling", "normalization")
+
+
+def keras_layer_key(layer_name: str) -> str:
+    """Keras layer names as compared: Keras 2's MobileNetV3 files name "Conv/BatchNorm" and
+    "expanded_conv_1/expand" what Keras 3 names "conv_bn" and "expanded_conv_1_expand"."""
+    return layer_name.replace("/BatchNorm", "_bn").replace("/", "_").lower()
+
+
+def _h5_attribute(group, name: str) -> list[str]:
+    """An HDF5 string-list attribute, which Keras splits into name0, name1... when large."""
+    if name in group.attrs:
+        values = list(group.attrs[name])
+    else:
+        values, chunk = [], 0
+        while f"{name}{chunk}" in group.attrs:
+            values.extend(group.attrs[f"{name}{chunk}"])
+            chunk += 1
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _legacy_h5_layers(path) -> dict[str, list[np.ndarray]]:
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError("reading Keras .h5 files needs h5py: pip install h5py") from e
+    with h5py.File(path, "r") as f:
+        root = f.get("model_weights", f)
+        if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
+            raise ValueError(
+                f"{path} is not a legacy Keras HDF5 file (no layer_names). A Keras 3 "
+                "'.weights.h5' file names its weights by layer class and position, not by "
+                "layer name: build the keras.applications model, call model.load_weights(path) "
+                "and pass the model instead.")
+        layers = {}
+        for layer in _h5_attribute(root, "layer_names"):
+            group = root[layer]
+            names = _h5_attribute(group, "weight_names")
+            if names:
+                layers[layer] = [np.asarray(group[n], dtype=np.float32) for n in names]
+        return layers
+
+
+def keras_layer_weights(weights) -> dict[str, list[np.ndarray]]:
+    """{layer name: its weight arrays in Keras' order} from a Keras model, a `.keras` archive
+    (loaded with Keras) or a legacy Keras `.h5` file (read with h5py, no Keras needed)."""
+    if hasattr(weights, "layers"):  # a Keras model
+        return {layer.name: [np.asarray(w, dtype=np.float32) for w in layer.weights]
+                for layer in weights.layers if layer.weights}
+    path = os.fspath(weights)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no Keras weights file at {path}")
+    if zipfile.is_zipfile(path):  # .keras: config + weights, named only through the model
+        try:
+            import keras
+        except ImportError as e:
+            raise ImportError(f"{path} is a .keras archive, which only Keras can read: "
+                              "pip install keras") from e
+        return keras_layer_weights(keras.saving.load_model(path, compile=False))
+    return _legacy_h5_layers(path)
+
+
+def _from_keras_layout(t: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+    """Keras kernels are HWIO like ours; depthwise kernels (k, k, C, 1) and 1x1 convs used as
+    dense layers (1, 1, in, out) differ from ours only by unit axes."""
+    if t.shape != tuple(ours) and [d for d in t.shape if d != 1] == [d for d in ours if d != 1]:
+        return t.reshape(ours)
+    return t
+
+
+def from_keras(name: str, weights, num_classes: int | None = None, **overrides):
+    """Converts keras.applications weights into `(params, state)` of a Keras-referenced variant
+    (`nets.list_models()` entries whose reference starts with "keras:").
+
+    `weights`: a Keras model, or the path of a `.keras` archive or a legacy `.h5` weights file
+    (what keras.applications downloads, "notop" files included). num_classes defaults to the
+    checkpoint's: 0 when the top is absent. A MobileNetV3 without its top also lacks the
+    pre-logits conv; the result is then for `pre_logits=False` (pass it to nets.transformed,
+    or use nets.transformed_features).
+    """
+    info = nets.model_info(name)
+    if info.keras_name is None:
+        keras_twins = [n for n in nets.list_models(f"*{name}*")
+                       if nets.model_info(n).keras_name is not None]
+        hint = f" Keras' layout is that of {', '.join(keras_twins)}." if keras_twins else ""
+        raise ValueError(f"{name} reproduces {info.reference}, not a keras.applications model "
+                         f"(padding and BatchNorm constants differ).{hint}")
+    tensors = {}
+    for layer, arrays in keras_layer_weights(weights).items():
+        if keras_layer_key(layer).startswith(_KERAS_INPUT_LAYERS):
+            continue
+        for i, array in enumerate(arrays):
+            tensors[f"{keras_layer_key(layer)}/{i}"] = array
+
+    def key_fn(module, leaf, config):
+        layer = info.keras_name(module_path(module), config)
+        return f"{keras_layer_key(layer)}/{_KERAS_LEAF_INDEX[leaf]}"
+
+    config = {**info.config, **overrides}
+    if num_classes is None:
+        num_classes = _infer_num_classes(
+            name, tensors, functools.partial(key_fn, config=config), -1, overrides)
+    options = inspect.signature(info.builder).parameters
+    if (num_classes == 0 and "pre_logits" in options
+            and key_fn("root/pre_logits", "w", config) not in tensors):
+        overrides = {**overrides, "pre_logits": False}
+        config["pre_logits"] = False
+    return _convert(name, tensors, functools.partial(key_fn, config=config), _from_keras_layout,
+                    num_classes, overrides, "Keras checkpoint")
+

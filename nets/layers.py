@@ -315,6 +315,17 @@ class WSConv(hk.Module):
         return y + bias.astype(y.dtype)
 
 
+def depthwise_fan_out_init(scale: float, distribution: str = "truncated_normal"):
+    """VarianceScaling over fan-out for a depthwise kernel as TF and Keras count it: they store
+    it as (kh, kw, C, 1), so its fan-out is kh * kw; ours is (kh, kw, 1, C)."""
+    base = hk.initializers.VarianceScaling(scale, "fan_out", distribution)
+
+    def init(shape, dtype):
+        return base((*shape[:-2], shape[-1], 1), dtype).reshape(shape)
+
+    return init
+
+
 def torch_linear_init(fan_in: int):
     """PyTorch's default nn.Linear/nn.Conv init for weights and biases: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -401,16 +412,20 @@ class SqueezeExcite(hk.Module):
 
     def __init__(self, reduced_channels: int, with_bias: bool = True,
                  activation: Callable = jax.nn.relu, gate: Callable = jax.nn.sigmoid,
-                 w_init=None, name: str | None = None):
+                 w_init=None, b_init=None, names: tuple[str, str] = ("fc1", "fc2"),
+                 name: str | None = None):
         super().__init__(name=name)
         self.reduced_channels, self.with_bias = reduced_channels, with_bias
-        self.activation, self.gate, self.w_init = activation, gate, w_init
+        self.activation, self.gate = activation, gate
+        self.w_init, self.b_init, self.names = w_init, b_init, names
 
     def __call__(self, x):
         c = x.shape[-1]
         s = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
-        s = Linear(self.reduced_channels, self.with_bias, w_init=self.w_init, name="fc1")(s)
-        s = Linear(c, self.with_bias, w_init=self.w_init, name="fc2")(self.activation(s))
+        s = Linear(self.reduced_channels, self.with_bias, self.w_init, self.b_init,
+                   name=self.names[0])(s)
+        s = Linear(c, self.with_bias, self.w_init, self.b_init,
+                   name=self.names[1])(self.activation(s))
         return x * self.gate(s).reshape(s.shape[0], *(1,) * (x.ndim - 2), c)
 
 

@@ -53,6 +53,10 @@ class ModelInfo:
     # leading axis (hk.layer_stack); a regular expression matched at the path's start.
     stacked_modules: str | None = None
     torch_name: Callable[[str, Mapping[str, Any]], str] | None = None
+    # Likewise our module path -> the Keras layer name, and the keras.applications constructor
+    # of the reference (for `nets.convert.from_keras`).
+    keras_name: Callable[[str, Mapping[str, Any]], str] | None = None
+    keras_builder: str | None = None
 
 
 def module_path(haiku_path: str) -> str:
