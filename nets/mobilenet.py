@@ -162,6 +162,7 @@ class InvertedResidual(hk.Module):
         self.se_reduced, self.act = se_reduced, layers.activation(activation)
         self.opts = opts
 
+    @hk.name_like("__call__")
     def _bn(self, name):
         o = self.opts
         return layers.BatchNorm(o["bn_decay"], o["bn_eps"], o["unbiased_running_var"], name=name)
