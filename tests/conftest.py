@@ -1,7 +1,11 @@
 import json
+import os
 import pathlib
 
 import pytest
+
+# Keras picks its backend once, at import: the Keras references run on JAX, not TensorFlow.
+os.environ["KERAS_BACKEND"] = "jax"
 
 # The reference figures live beside the repository (../shared); CI has them there.
 PARAMS_JSON = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "params.json"

@@ -1,5 +1,6 @@
 """Importing the reference libraries the equivalence tests compare against."""
 
+import numpy as np
 import pytest
 
 
@@ -22,6 +23,25 @@ def torchvision():
 def timm():
     torchvision()  # timm imports torchvision
     return pytest.importorskip("timm")
+
+
+def keras():
+    """keras.applications on the JAX backend (tests/conftest.py sets KERAS_BACKEND)."""
+    keras_ = pytest.importorskip("keras")
+    if keras_.backend.backend() != "jax":
+        pytest.skip(f"Keras was imported with the {keras_.backend.backend()} backend")
+    return keras_
+
+
+def randomize_keras_batchnorm(model, seed: int = 0) -> None:
+    """randomize_batchnorm for a Keras model: gamma, beta, moving mean and variance."""
+    keras_ = keras()
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras_.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.rand(c) * 0.5 + 0.25, rng.randn(c) * 0.2,
+                               rng.randn(c) * 0.2, rng.rand(c) + 0.5])
 
 
 def randomize_batchnorm(model, seed: int = 0) -> None:
