@@ -53,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="sgd",                 # "sgd" or "sgd_agc" (the NFNet optimizer)
+        name="sgd",                 # "sgd", "sgd_agc" (the NFNet optimizer) or "rmsprop" (TF1's)
         base_lr=0.1,                # peak lr = base_lr * batch_size / lr_batch_base
         lr_batch_base=256,
         momentum=0.9,
@@ -62,10 +62,14 @@ def base() -> ml_collections.ConfigDict:
         decay_roles=("weight", "gain", "bias", "classifier_weight", "classifier_bias"),
         agc_clipping=0.01,          # sgd_agc only
         agc_eps=1e-3,
-        schedule="cosine",          # "cosine" or "step"
+        rms_decay=0.9,              # rmsprop only
+        rms_eps=1e-3,
+        schedule="cosine",          # "cosine", "step" or "exponential"
         warmup_epochs=0.0,
         step_epochs=(30.0, 60.0, 80.0),   # "step": lr x step_factor at each
         step_factor=0.1,
+        decay_epochs=2.4,           # "exponential": lr x decay_rate every decay_epochs (staircase)
+        decay_rate=0.97,
     ))
     c.ema_decay = 0.0               # > 0: keep an EMA of params and model state (tf1 warm-up)
 

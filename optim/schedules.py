@@ -40,3 +40,21 @@ def warmup_step_decay(peak: float, warmup_steps: float, boundaries, factor: floa
         return jnp.where(t < warmup_steps, peak * t / warmup_steps, decayed)
 
     return schedule
+
+
+def warmup_exponential_decay(peak: float, warmup_steps: float, decay_steps: float,
+                             rate: float, staircase: bool = True):
+    """The official EfficientNet/MobileNet TF schedule: `peak * rate ** (t / decay_steps)`
+    (the exponent floored when `staircase`), counted from step 0, replaced by the linear warm-up
+    `peak * t / warmup_steps` while t < warmup_steps (e.g. 0.97 every 2.4 epochs, 5 warm-up
+    epochs; torchvision's MobileNetV2 recipe: 0.98 every epoch, no warm-up)."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        exponent = t / decay_steps
+        decayed = peak * rate ** (jnp.floor(exponent) if staircase else exponent)
+        if warmup_steps <= 0:
+            return decayed
+        return jnp.where(t < warmup_steps, peak * t / warmup_steps, decayed)
+
+    return schedule

@@ -13,8 +13,9 @@ from nets.nfnet import DROP_RATE, RAND_AUGMENT_MAGNITUDE, TRAIN_TEST_SIZE
 from training import optimizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Experiments define get_config; the shared recipe modules (common, nfnet, ...) do not.
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
-                     if p.stem not in ("__init__", "common", "nfnet", "resnet"))
+                     if "def get_config" in p.read_text())
 
 
 def load(name, arg=None):
@@ -22,7 +23,8 @@ def load(name, arg=None):
 
 
 def test_the_recipes_exist():
-    assert {f"nfnet_f{k}" for k in range(8)} | {"resnet50", "resnet18"} <= set(EXPERIMENTS)
+    assert {f"nfnet_f{k}" for k in range(8)} | {"resnet50", "resnet18", "efficientnet_b0",
+                                                "mobilenet_v2"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -78,6 +80,41 @@ def test_resnet50_recipe_is_torchvisions():
     lr = optimizers.learning_rate(o, c.batch_size, 100.0, 9000)
     assert [float(lr(s)) for s in (0, 2999, 3000, 5999, 6000, 8999)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_efficientnet_b0_recipe_is_the_papers():
+    c = load("efficientnet_b0")
+    o = c.optimizer
+    assert (c.model, c.batch_size, c.num_epochs, c.label_smoothing, c.ema_decay) == (
+        "efficientnet_b0", 4096, 350, 0.1, 0.9999)
+    assert (c.model_kwargs.drop_connect_rate, c.model_kwargs.dropout_rate) == (0.2, 0.2)
+    assert (o.name, o.rms_decay, o.momentum, o.rms_eps, o.weight_decay) == (
+        "rmsprop", 0.9, 0.9, 1e-3, 1e-5)
+    assert (c.data.image_ops, c.data.eval_preprocess, c.data.interpolation) == (
+        "tf", "crop_resize", "bicubic")
+    assert (c.data.randaugment_layers, c.data.randaugment_magnitude) == (2, 10.0)
+    # The paper: initial lr 0.256 (at batch 4096), x0.97 every 2.4 epochs, after 5 warm-up
+    # epochs; the stairs count from step 0 as the official schedule does.
+    steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / c.batch_size
+    lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, 100_000)
+    assert float(lr(0)) == 0.0
+    assert float(lr(2.5 * steps_per_epoch)) == pytest.approx(0.128, rel=1e-5)
+    assert float(lr(5 * steps_per_epoch + 1)) == pytest.approx(0.256 * 0.97 ** 2, rel=1e-5)
+    assert float(lr(24 * steps_per_epoch + 1)) == pytest.approx(0.256 * 0.97 ** 10, rel=1e-5)
+    params = jax.eval_shape(lambda: nets.transformed("efficientnet_b0", 10).init(
+        jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), is_training=True))[0]
+    tx = optimizers.optimizer(o, "efficientnet_b0", params, lr)
+    assert jax.eval_shape(tx.init, params)  # the chain builds over the model's roles
+
+
+def test_mobilenet_v2_recipe_is_torchvisions():
+    c = load("mobilenet_v2")
+    o = c.optimizer
+    assert (c.model, c.batch_size, c.num_epochs, o.base_lr, o.weight_decay) == (
+        "mobilenet_v2", 256, 300, 0.045, 4e-5)
+    lr = optimizers.learning_rate(o, c.batch_size, 100.0, 30_000)
+    assert [float(lr(s)) for s in (0, 99, 100, 250)] == pytest.approx(
+        [0.045, 0.045, 0.045 * 0.98, 0.045 * 0.98 ** 2])
 
 
 def test_decay_roles_select_parameters():

@@ -144,3 +144,32 @@ def test_nfnet_masks_come_from_the_models_roles():
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     updates, _ = jax.eval_shape(tx.update, zeros, jax.eval_shape(tx.init, zeros), zeros)
     assert jax.tree.map(lambda s: s.shape, updates) == jax.tree.map(lambda s: s.shape, params)
+
+
+def test_tf1_rmsprop_equals_the_tf1_update_with_a_schedule():
+    rng = np.random.RandomState(0)
+    w0 = rng.randn(5).astype(np.float32)
+    grads = [rng.randn(5).astype(np.float32) for _ in range(4)]
+    lr = optim.warmup_exponential_decay(0.1, 2, 1, 0.5)
+    opt = optim.tf1_rmsprop(lr)
+    w, state = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+    for g in grads:
+        updates, state = opt.update(jnp.asarray(g), state, w)
+        w = optax.apply_updates(w, updates)
+    # TF1 RMSPropOptimizer by hand: ms starts at one, eps inside the root, lr inside momentum.
+    ms, mom, ref = np.ones(5), np.zeros(5), w0.astype(np.float64)
+    for t, g in enumerate(grads):
+        ms = 0.9 * ms + 0.1 * g ** 2
+        mom = 0.9 * mom + float(lr(t)) * g / np.sqrt(ms + 1e-3)
+        ref = ref - mom
+    np.testing.assert_allclose(w, ref, rtol=1e-5)
+
+
+def test_exponential_schedule_warms_up_then_decays_in_stairs_from_step_zero():
+    lr = optim.warmup_exponential_decay(0.256, 50, 24, 0.97)
+    assert float(lr(0)) == 0.0 and float(lr(25)) == pytest.approx(0.128)
+    assert float(lr(50)) == pytest.approx(0.256 * 0.97 ** 2)  # the stairs count from step 0
+    assert float(lr(71)) == pytest.approx(0.256 * 0.97 ** 2)
+    assert float(lr(72)) == pytest.approx(0.256 * 0.97 ** 3)
+    smooth = optim.warmup_exponential_decay(1.0, 0, 10, 0.5, staircase=False)
+    assert float(smooth(5)) == pytest.approx(0.5 ** 0.5)

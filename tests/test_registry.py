@@ -100,3 +100,15 @@ def test_logits_are_float32_under_bfloat16_compute():
         lambda p, s, x: f.apply(p, s, None, x, is_training=True)[0], params, state,
         jnp.asarray(images, jnp.bfloat16))
     assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name,source", [("resnet50", "torchvision"),
+                                         ("efficientnet_b0", "torchvision"),
+                                         ("mobilenet_v2", "torchvision"),
+                                         ("mobilenet_v3_small", "torchvision"),
+                                         ("shufflenet_v2_x1_0", "torchvision")])
+def test_multiply_adds_equal_the_reference_table(name, source, reference_counts):
+    from bench.inference import multiply_adds
+
+    row = reference_counts[(source, name)]
+    assert multiply_adds(name, row["input_res"]) / 1e9 == pytest.approx(row["gmacs"], abs=6e-4)

@@ -19,13 +19,18 @@ def learning_rate(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epo
     if cfg.schedule == "step":
         return optim.warmup_step_decay(peak, warmup, [e * steps_per_epoch for e in cfg.step_epochs],
                                        cfg.step_factor)
-    raise ValueError(f"optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'step'")
+    if cfg.schedule == "exponential":
+        return optim.warmup_exponential_decay(peak, warmup, cfg.decay_epochs * steps_per_epoch,
+                                              cfg.decay_rate)
+    raise ValueError(f"optimizer.schedule={cfg.schedule!r}: expected 'cosine', 'step' or "
+                     "'exponential'")
 
 
 def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule
               ) -> optax.GradientTransformation:
     """`sgd`: coupled weight decay on `decay_roles`, then SGD with (Nesterov) momentum.
-    `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first)."""
+    `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first).
+    `rmsprop`: coupled weight decay (the papers' L2 loss term), then TF1's RMSProp."""
     roles = nets.param_roles(model, params)
     decay_roles = tuple(cfg.decay_roles)
     unknown = set(decay_roles) - set(jax.tree.leaves(roles))
@@ -36,9 +41,12 @@ def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule
             roles, schedule, stacked=nets.stacked_axes(model, params), clipping=cfg.agc_clipping,
             eps=cfg.agc_eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             decay_roles=decay_roles)
+    decay = optax.masked(optax.add_decayed_weights(cfg.weight_decay),
+                         jax.tree.map(lambda role: role in decay_roles, roles))
     if cfg.name == "sgd":
-        decay_mask = jax.tree.map(lambda role: role in decay_roles, roles)
-        return optax.chain(
-            optax.masked(optax.add_decayed_weights(cfg.weight_decay), decay_mask),
-            optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
-    raise ValueError(f"optimizer.name={cfg.name!r}: expected 'sgd' or 'sgd_agc'")
+        return optax.chain(decay, optax.sgd(schedule, momentum=cfg.momentum,
+                                            nesterov=cfg.nesterov))
+    if cfg.name == "rmsprop":
+        return optax.chain(decay, optim.tf1_rmsprop(schedule, decay=cfg.rms_decay,
+                                                    momentum=cfg.momentum, eps=cfg.rms_eps))
+    raise ValueError(f"optimizer.name={cfg.name!r}: expected 'sgd', 'sgd_agc' or 'rmsprop'")

@@ -1,0 +1,134 @@
+"""Inference throughput of registered models side by side, next to their FLOPs.
+
+    python -m bench.inference --models efficientnet_b0 mobilenet_v2 resnet50
+    python -m bench.inference --models efficientnet_b0 resnet50 --lowerings auto native
+
+Each model's eval-mode forward (float32, one batch) is compiled once per conv lowering
+("auto": what the conv layer picks for this backend; "native": XLA's own grouped/depthwise
+convs); the variants are timed interleaved, round after round, so that machine noise hits them
+alike. The table gives median images/s, the multiply-adds per image (counted from the model's
+convs and dense layers, as the reference FLOP counts do), and images/s x GMACs: the rate at
+which the model's arithmetic gets done, which is what "slower per FLOP" compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from nets import layers
+
+
+def multiply_adds(name: str, size: int) -> int:
+    """Multiply-adds of one image through the model's convs and dense layers, counted while
+    tracing (nothing runs): each conv adds out_pixels * k * k * C_in / groups * C_out."""
+    total = 0
+    conv, linear = layers.conv, layers.Linear.__call__
+
+    def counting_conv(x, w, **kwargs):
+        nonlocal total
+        y = conv(x, w, **kwargs)
+        total += math.prod(y.shape[1:]) * math.prod(w.shape[:-1])
+        return y
+
+    def counting_linear(self, x):
+        nonlocal total
+        y = linear(self, x)
+        total += x.shape[-1] * y.shape[-1]
+        return y
+
+    f = nets.transformed(name)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with _patched(layers, "conv", counting_conv), \
+            _patched(layers.Linear, "__call__", counting_linear):
+        jax.eval_shape(functools.partial(f.init, is_training=False), jax.random.key(0), images)
+    return total
+
+
+@contextlib.contextmanager
+def _patched(owner, attr, value):
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, old)
+
+
+def _forward(name: str, images, lowering: str):
+    """A compiled eval forward under the given lowering; returns a thunk that runs it."""
+    old = os.environ.get("NETS_CONV_LOWERING")
+    if lowering == "native":
+        os.environ["NETS_CONV_LOWERING"] = "native"
+    try:
+        f = nets.transformed(name)
+        params, state = jax.jit(functools.partial(f.init, is_training=True))(
+            jax.random.key(0), images)
+        apply = jax.jit(functools.partial(f.apply, is_training=False))
+        start = time.perf_counter()
+        compiled = apply.lower(params, state, None, images).compile()
+        compile_s = time.perf_counter() - start
+    finally:
+        if old is None:
+            os.environ.pop("NETS_CONV_LOWERING", None)
+        else:
+            os.environ["NETS_CONV_LOWERING"] = old
+
+    def run():
+        jax.block_until_ready(compiled(params, state, None, images))
+
+    return run, compile_s
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*",
+                        default=["efficientnet_b0", "mobilenet_v2", "resnet50"])
+    parser.add_argument("--lowerings", nargs="*", default=["auto"], choices=["auto", "native"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    images = jnp.asarray(np.random.default_rng(0).normal(
+        size=(args.batch, args.size, args.size, 3)), jnp.float32)
+    runs, compile_s, gmacs = {}, {}, {}
+    for name in args.models:
+        gmacs[name] = multiply_adds(name, args.size) / 1e9
+        for lowering in args.lowerings:
+            key = (name, lowering)
+            runs[key], compile_s[key] = _forward(name, images, lowering)
+    for run in runs.values():
+        run()  # warm-up
+    times = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+
+    first = next(iter(runs))
+    rate = {k: args.batch / statistics.median(t) for k, t in times.items()}
+    print(f"eval forward, batch {args.batch}, {args.size} px, float32, {jax.devices()[0]}, "
+          f"median of {args.rounds} interleaved rounds")
+    print("| model | lowering | GMACs / image | images/s | ratio | GMACs/s | GMACs/s ratio "
+          "| compile s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (name, lowering), r in rate.items():
+        print(f"| {name} | {lowering} | {gmacs[name]:.3f} | {r:.1f} | {r / rate[first]:.2f} | "
+              f"{r * gmacs[name]:.1f} | {r * gmacs[name] / (rate[first] * gmacs[first[0]]):.2f} "
+              f"| {compile_s[(name, lowering)]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
