@@ -96,13 +96,17 @@ def _stage_maps(outputs: Sequence[tuple[int, jax.Array]]) -> dict[str, jax.Array
     return maps
 
 
-def _pooled_head(x, num_classes, dropout_rate, is_training, name, with_head=True):
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if num_classes and with_head:
+def _classify(x, num_classes, dropout_rate, is_training, name):
+    """Dropout, then the classifier; pooled features unchanged when num_classes is 0."""
+    if num_classes:
         if is_training and dropout_rate > 0:
             x = hk.dropout(hk.next_rng_key(), dropout_rate, x)
         x = layers.Linear(num_classes, **CLASSIFIER_INIT, name=name)(x)
     return x
+
+
+def _pool(x):
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # logits in float32 under any policy
 
 
 class MobileNetV1(hk.Module):
@@ -141,13 +145,8 @@ class MobileNetV1(hk.Module):
         return _stage_maps(outputs)
 
     def __call__(self, images, is_training: bool):
-        x = self.features(images, is_training)["stage4"]
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            if is_training and self.dropout_rate > 0:
-                x = hk.dropout(hk.next_rng_key(), self.dropout_rate, x)
-            x = layers.Linear(self.num_classes, name="conv_preds")(x)
-        return x
+        x = _pool(self.features(images, is_training)["stage4"])
+        return _classify(x, self.num_classes, self.dropout_rate, is_training, "conv_preds")
 
 
 class InvertedResidual(hk.Module):
@@ -251,7 +250,8 @@ class MobileNetV2(_InvertedResidualNet):
         x = self._body(images, is_training)[-1][1]
         width = layers.make_divisible(1280 * max(1.0, self.alpha), 8)
         x = self._conv_bn_act(x, width, 1, 1, "head", "relu6", is_training)
-        return _pooled_head(x, self.num_classes, self.dropout_rate, is_training, "classifier")
+        return _classify(_pool(x), self.num_classes, self.dropout_rate, is_training,
+                         "classifier")
 
 
 class MobileNetV3(_InvertedResidualNet):
@@ -285,18 +285,14 @@ class MobileNetV3(_InvertedResidualNet):
     def __call__(self, images, is_training: bool):
         x = self._body(images, is_training)[-1][1]
         x = self._conv_bn_act(x, 6 * x.shape[-1], 1, 1, "head", "hard_swish", is_training)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = _pool(x)
         if not self.pre_logits:
             return x
         div = 2 if self.reduced_tail else 1
         x = layers.Linear(_width(PRE_LOGITS[self.size] // div, self.alpha), **CLASSIFIER_INIT,
                           name="pre_logits")(x)
-        x = jax.nn.hard_swish(x)
-        if self.num_classes:
-            if is_training and self.dropout_rate > 0:
-                x = hk.dropout(hk.next_rng_key(), self.dropout_rate, x)
-            x = layers.Linear(self.num_classes, **CLASSIFIER_INIT, name="classifier")(x)
-        return x
+        return _classify(jax.nn.hard_swish(x), self.num_classes, self.dropout_rate, is_training,
+                         "classifier")
 
 
 # ----------------------------------------------------------------------------------------------
