@@ -304,9 +304,10 @@ def from_keras(name: str, weights, num_classes: int | None = None, **overrides):
     if info.keras_name is None:
         keras_twins = [n for n in nets.list_models(f"*{name}*")
                        if nets.model_info(n).keras_name is not None]
-        hint = f" Keras' layout is that of {', '.join(keras_twins)}." if keras_twins else ""
-        raise ValueError(f"{name} reproduces {info.reference}, not a keras.applications model "
-                         f"(padding and BatchNorm constants differ).{hint}")
+        hint = (f" The Keras port (its own padding and BatchNorm constants) is "
+                f"{', '.join(keras_twins)}." if keras_twins else "")
+        raise ValueError(f"{name} reproduces {info.reference}, not a keras.applications "
+                         f"model.{hint}")
     tensors = {}
     for layer, arrays in keras_layer_weights(weights).items():
         if keras_layer_key(layer).startswith(_KERAS_INPUT_LAYERS):
