@@ -14,12 +14,12 @@ which the model's arithmetic gets done, which is what "slower per FLOP" compares
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import os
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +49,10 @@ def multiply_adds(name: str, size: int) -> int:
 
     f = nets.transformed(name)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    with _patched(layers, "conv", counting_conv), \
-            _patched(layers.Linear, "__call__", counting_linear):
+    with mock.patch.object(layers, "conv", counting_conv), \
+            mock.patch.object(layers.Linear, "__call__", counting_linear):
         jax.eval_shape(functools.partial(f.init, is_training=False), jax.random.key(0), images)
     return total
-
-
-@contextlib.contextmanager
-def _patched(owner, attr, value):
-    old = getattr(owner, attr)
-    setattr(owner, attr, value)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, old)
 
 
 def _forward(name: str, images, lowering: str):
