@@ -16,10 +16,12 @@ import re
 
 import haiku as hk
 
-from nets import efficientnet, layers, mobilenet, nfnet, resnet_family, shufflenet
+from nets import (csp, densenet, efficientnet, layers, mobilenet, nfnet, p3d, resnet_family,
+                  shake_shake, shufflenet)
 from nets.registry import ModelInfo, Preprocessing, module_path
 
-_FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet)
+_FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet, densenet, csp, p3d,
+             shake_shake)
 _MODELS: dict[str, ModelInfo] = {}
 for _family in _FAMILIES:
     for _info in _family.VARIANTS:

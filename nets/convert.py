@@ -37,7 +37,8 @@ def example_images(name: str, batch: int = 1, size: int | None = None, **overrid
     info = nets.model_info(name)
     size = size or info.train_size
     channels = overrides.get("in_channels", info.config.get("in_channels", 3))
-    return jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32)
+    frames = (info.num_frames,) if info.num_frames else ()  # video: [B, T, H, W, C]
+    return jax.ShapeDtypeStruct((batch, *frames, size, size, channels), jnp.float32)
 
 
 def shapes(name: str, num_classes: int = 1000, **overrides):

@@ -48,6 +48,8 @@ class ModelInfo:
     test_size: int = 224
     preprocessing: Preprocessing = Preprocessing()
     feature_strides: tuple[int, ...] = (4, 8, 16, 32)
+    # Video models: the clip length their inputs [B, T, H, W, C] have; None for image models.
+    num_frames: int | None = None
     classifier: str = "fc"  # the head's module name, under the root module
     # Our module paths (dotted, without the root) whose parameters stack blocks along a
     # leading axis (hk.layer_stack); a regular expression matched at the path's start.

@@ -20,15 +20,17 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nets import layers
-from nets.registry import ModelInfo
+from nets import attention, deformable, layers
+from nets.registry import ModelInfo, Preprocessing
 
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = {"basic": 1, "bottleneck": 4}
+ATTENTION = (None, "se", "cbam", "gc")
 
 
 class _Block(hk.Module):
-    """What both block kinds share: the shortcut and the tail (attention, drop path, add, ReLU)."""
+    """What both block kinds share: the shortcut, the attention module and the tail (drop path,
+    add, ReLU)."""
 
     def __init__(self, planes: int, stride: int, dilation: int, first_dilation: int,
                  stochastic_depth_rate: float, opts: Mapping[str, Any], name: str):
@@ -59,45 +61,97 @@ class _Block(hk.Module):
         return self.bn("downsample_bn")(x, is_training)
 
     @hk.name_like("__call__")
-    def finish(self, out, x, is_training):
+    def attend(self, x, is_training):
+        """The block's attention module on x (identity when the stage has none)."""
         opts = self.opts
-        if opts["attention"] == "se":
-            reduced = layers.make_divisible(out.shape[-1] * opts["se_ratio"], 8, round_limit=0.0)
-            out = layers.SqueezeExcite(reduced, with_bias=opts["se_bias"], name="se")(out)
-        elif opts["attention"] is not None:
-            raise ValueError(f"unknown attention {opts['attention']!r}; known: None, 'se'")
+        kind, c = opts["attention"], x.shape[-1]
+        if kind == "se":
+            reduced = layers.make_divisible(c * opts["attention_ratio"], 8, round_limit=0.0)
+            return layers.SqueezeExcite(reduced, with_bias=opts["se_bias"], name="se")(x)
+        reduced = layers.make_divisible(c * opts["attention_ratio"], 1, round_limit=0.0)
+        if kind == "cbam":
+            return attention.Cbam(reduced, bn_decay=opts["bn_decay"], bn_eps=opts["bn_eps"],
+                                  name="cbam")(x, is_training)
+        if kind == "gc":
+            return attention.GlobalContext(reduced, opts["gc_fusion"], opts["gc_layer_norm_eps"],
+                                           name="gc")(x)
+        return x
+
+    @hk.name_like("__call__")
+    def finish(self, out, x, is_training):
+        if self.opts["attention_position"] == "last":
+            out = self.attend(out, is_training)
         out = layers.stochastic_depth(out, self.stochastic_depth_rate, is_training,
-                                      opts["stochastic_depth_scale_at"])
+                                      self.opts["stochastic_depth_scale_at"])
         return jax.nn.relu(out + self.shortcut(x, out.shape[-1], is_training))
+
+    @hk.name_like("__call__")
+    def selective_kernel(self, x, width, stride, groups, is_training, name):
+        opts = self.opts
+        attn = layers.make_divisible(width * opts["sk_ratio"], opts["sk_min_width"])
+        return attention.SelectiveKernelConv(
+            width, attn, opts["sk_kernels"], stride, self.first_dilation, groups,
+            opts["sk_split_input"], opts["bn_decay"], opts["bn_eps"], name=name)(x, is_training)
 
 
 class BasicBlock(_Block):
-    """Two 3x3 convs (ResNet-18/34)."""
+    """Two 3x3 convs (ResNet-18/34); the first a selective-kernel conv in SK-ResNets."""
 
     def __call__(self, x, is_training):
-        if self.opts["groups"] != 1 or self.opts["width_per_group"] != 64:
+        opts = self.opts
+        if opts["groups"] != 1 or opts["width_per_group"] != 64:
             raise ValueError("the basic block supports only groups=1 and width_per_group=64")
-        out = layers.Conv(self.planes, 3, self.stride, dilation=self.first_dilation,
-                          name="conv1")(x)
-        out = jax.nn.relu(self.bn("bn1")(out, is_training))
+        if opts["radix"] > 1 or opts["split_attention"] or opts["deformable"]:
+            raise ValueError("split attention and deformable convs need the bottleneck block")
+        if opts["selective_kernel"]:
+            out = self.selective_kernel(x, self.planes, self.stride, 1, is_training, "conv1")
+        else:
+            out = layers.Conv(self.planes, 3, self.stride, dilation=self.first_dilation,
+                              name="conv1")(x)
+            out = jax.nn.relu(self.bn("bn1")(out, is_training))
+        if opts["attention_position"] == "mid":
+            out = self.attend(out, is_training)
         out = layers.Conv(self.planes, 3, dilation=self.dilation, name="conv2")(out)
-        out = self.bn("bn2", self.opts["zero_init_residual"])(out, is_training)
+        out = self.bn("bn2", opts["zero_init_residual"])(out, is_training)
         return self.finish(out, x, is_training)
 
 
 class Bottleneck(_Block):
-    """1x1 reduce, 3x3 (grouped for ResNeXt, strided), 1x1 expand by 4."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt, strided), 1x1 expand by 4. The 3x3 is a
+    split-attention conv (ResNeSt), a selective-kernel conv (SKNet) or a deformable conv as
+    configured; with `avd` a 3x3 average pool takes over its stride (ResNeSt)."""
 
     def __call__(self, x, is_training):
-        groups = self.opts["groups"]
-        width = int(self.planes * self.opts["width_per_group"] / 64) * groups
+        opts = self.opts
+        groups = opts["groups"]
+        width = int(self.planes * opts["width_per_group"] / 64) * groups
         out = layers.Conv(width, 1, name="conv1")(x)
         out = jax.nn.relu(self.bn("bn1")(out, is_training))
-        out = layers.Conv(width, 3, self.stride, dilation=self.first_dilation, groups=groups,
-                          name="conv2")(out)
-        out = jax.nn.relu(self.bn("bn2")(out, is_training))
+        stride, pool_stride = self.stride, 1
+        if opts["avd"] and stride > 1:
+            stride, pool_stride = 1, stride
+        if pool_stride > 1 and opts["avd_first"]:
+            out = layers.avg_pool(out, 3, pool_stride, padding=1)
+        if opts["radix"] > 1 or opts["split_attention"]:
+            out = attention.SplitAttentionConv(
+                width, 3, stride, self.first_dilation, groups, opts["radix"], opts["bn_decay"],
+                opts["bn_eps"], name="conv2")(out, is_training)
+        elif opts["selective_kernel"]:
+            out = self.selective_kernel(out, width, stride, groups, is_training, "conv2")
+        else:
+            if opts["deformable"]:
+                conv = deformable.DeformableConv(width, 3, stride, dilation=self.first_dilation,
+                                                 groups=groups, name="conv2")
+            else:
+                conv = layers.Conv(width, 3, stride, dilation=self.first_dilation,
+                                   groups=groups, name="conv2")
+            out = jax.nn.relu(self.bn("bn2")(conv(out), is_training))
+        if pool_stride > 1 and not opts["avd_first"]:
+            out = layers.avg_pool(out, 3, pool_stride, padding=1)
+        if opts["attention_position"] == "mid":
+            out = self.attend(out, is_training)
         out = layers.Conv(self.planes * 4, 1, name="conv3")(out)
-        out = self.bn("bn3", self.opts["zero_init_residual"])(out, is_training)
+        out = self.bn("bn3", opts["zero_init_residual"])(out, is_training)
         return self.finish(out, x, is_training)
 
 
@@ -110,11 +164,27 @@ class ResNet(hk.Module):
       block: "basic" or "bottleneck".
       groups, width_per_group: ResNeXt cardinality and bottleneck width per group
         (the 3x3 width of stage s is int(planes_s * width_per_group / 64) * groups).
-      stem: "7x7" (one 7x7 stride-2 conv) or "deep" (three 3x3 convs, ResNet-C/D);
-        stem_width is the width of the deep stem's first two convs.
+      stem: "7x7" (one 7x7 stride-2 conv, max pool), "deep" (three 3x3 convs stem_width,
+        stem_width, 2 * stem_width wide, max pool: ResNet-C/D) or "tiered" (three 3x3 convs
+        3/4, 1, 2 x stem_width wide, the last strided, no pool: timm's ResNet-T).
       avg_down: shortcut downsampling by 2x2 average pooling then a 1x1 conv (ResNet-D).
-      attention: None or "se" (squeeze-excitation after the last BN of each block, reduced
-        width make_divisible(C * se_ratio, 8), FC biases when se_bias).
+      attention: None, "se" (squeeze-excitation, FC biases when se_bias, width
+        make_divisible(C * attention_ratio, 8)), "cbam" (CBAM, MLP width C * attention_ratio)
+        or "gc" (GCNet's global context block, width C * attention_ratio, gc_fusion "add" or
+        "scale", LayerNorm eps gc_layer_norm_eps); in the blocks of `attention_stages`
+        (1-based), after the block's last BN (attention_position "last", the papers' place) or
+        after its 3x3 conv ("mid", timm's ByobNet).
+      radix, split_attention: ResNeSt. Radix r > 1 makes the 3x3 a split-attention conv with r
+        splits per cardinal group; with radix 1 the 3x3 stays a plain conv (radix 1 and
+        groups 1 is ResNet, groups > 1 ResNeXt) unless split_attention=True, which keeps the
+        attention with one split (a sigmoid gate per group, as the reference's "1s" models).
+        avd: the stride of a downsampling block moves from the 3x3 conv to a 3x3 average pool
+        after it (or before it with avd_first).
+      selective_kernel: SKNet. The 3x3 (the first conv of a basic block) becomes a
+        selective-kernel conv with one path per size in sk_kernels, fuse width
+        make_divisible(C * sk_ratio, sk_min_width) (the paper's max(C / r, L) with L =
+        sk_min_width), inputs split across paths when sk_split_input.
+      deformable_stages: stages (1-based) whose 3x3 convs are deformable (DCNv2, modulated).
       zero_init_residual: initialise each block's last BN scale to zero.
       replace_stride_with_dilation: per stage 2-4, replace its stride by dilation
         (torchvision's option: (False, False, True) gives output stride 16, (False, True, True) 8).
@@ -127,32 +197,55 @@ class ResNet(hk.Module):
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), block: str = "bottleneck",
                  num_classes: int = 1000, groups: int = 1, width_per_group: int = 64,
                  stem: str = "7x7", stem_width: int = 64, avg_down: bool = False,
-                 attention: str | None = None, se_ratio: float = 1 / 16, se_bias: bool = True,
-                 zero_init_residual: bool = False,
+                 attention: str | None = None, attention_ratio: float = 1 / 16,
+                 attention_stages: Sequence[int] = (1, 2, 3, 4),
+                 attention_position: str = "last", se_bias: bool = True,
+                 gc_fusion: str = "add", gc_layer_norm_eps: float = 1e-5,
+                 radix: int = 1, split_attention: bool = False, avd: bool = False,
+                 avd_first: bool = False, selective_kernel: bool = False,
+                 sk_kernels: Sequence[int] = (3, 5), sk_ratio: float = 1 / 16,
+                 sk_min_width: int = 8, sk_split_input: bool = True,
+                 deformable_stages: Sequence[int] = (), zero_init_residual: bool = False,
                  replace_stride_with_dilation: Sequence[bool] = (False, False, False),
                  stochastic_depth_rate: float = 0.0, stochastic_depth_decay: str = "linear",
                  stochastic_depth_scale_at: str = "train", in_channels: int = 3,
                  bn_decay: float = 0.9, bn_eps: float = 1e-5, name: str = "resnet"):
         super().__init__(name=name)
-        if block not in EXPANSION:
-            raise ValueError(f"block must be one of {sorted(EXPANSION)}, got {block!r}")
-        if stem not in ("7x7", "deep"):
-            raise ValueError(f"stem must be '7x7' or 'deep', got {stem!r}")
-        if stochastic_depth_decay not in ("linear", "uniform"):
-            raise ValueError("stochastic_depth_decay must be 'linear' or 'uniform', "
-                             f"got {stochastic_depth_decay!r}")
+        choices = dict(block=(block, tuple(EXPANSION)), stem=(stem, ("7x7", "deep", "tiered")),
+                       attention=(attention, ATTENTION),
+                       attention_position=(attention_position, ("last", "mid")),
+                       stochastic_depth_decay=(stochastic_depth_decay, ("linear", "uniform")))
+        for option, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
+        for option, stages in dict(attention_stages=attention_stages,
+                                   deformable_stages=deformable_stages).items():
+            if not set(stages) <= {1, 2, 3, 4}:
+                raise ValueError(f"{option} are 1-based stage numbers (1-4), got {stages!r}")
+        if radix < 1:
+            raise ValueError(f"radix must be >= 1, got {radix}")
+        if selective_kernel and (radix > 1 or split_attention):
+            raise ValueError("a 3x3 conv is either selective-kernel or split-attention, not both")
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs one flag for each of stages 2-4")
         self.layers, self.block = tuple(layers), block
         self.num_classes, self.in_channels = num_classes, in_channels
         self.stem, self.stem_width = stem, stem_width
         self.dilate = tuple(replace_stride_with_dilation)
+        self.attention_stages, self.deformable_stages = attention_stages, deformable_stages
         self.stochastic_depth_rate = stochastic_depth_rate
         self.stochastic_depth_decay = stochastic_depth_decay
         self.opts = dict(groups=groups, width_per_group=width_per_group, avg_down=avg_down,
-                         attention=attention, se_ratio=se_ratio, se_bias=se_bias,
-                         zero_init_residual=zero_init_residual, bn_decay=bn_decay,
-                         bn_eps=bn_eps, stochastic_depth_scale_at=stochastic_depth_scale_at)
+                         attention=attention, attention_ratio=attention_ratio,
+                         attention_position=attention_position, se_bias=se_bias,
+                         gc_fusion=gc_fusion, gc_layer_norm_eps=gc_layer_norm_eps,
+                         radix=radix, split_attention=split_attention, avd=avd,
+                         avd_first=avd_first, selective_kernel=selective_kernel,
+                         sk_kernels=tuple(sk_kernels), sk_ratio=sk_ratio,
+                         sk_min_width=sk_min_width, sk_split_input=sk_split_input,
+                         deformable=False, zero_init_residual=zero_init_residual,
+                         bn_decay=bn_decay, bn_eps=bn_eps,
+                         stochastic_depth_scale_at=stochastic_depth_scale_at)
 
     @hk.name_like("__call__")
     def _bn(self, name):
@@ -160,15 +253,17 @@ class ResNet(hk.Module):
 
     @hk.name_like("__call__")
     def _stem(self, x, is_training):
-        if self.stem == "deep":
-            for i, width in enumerate((self.stem_width, self.stem_width), start=1):
-                x = layers.Conv(width, 3, 2 if i == 1 else 1, name=f"stem_conv{i}")(x)
-                x = jax.nn.relu(self._bn(f"stem_bn{i}")(x, is_training))
-            x = layers.Conv(64, 3, name="stem_conv3")(x)
-        else:
+        if self.stem == "7x7":
             x = layers.Conv(64, 7, 2, name="conv1")(x)
-        x = jax.nn.relu(self._bn("bn1")(x, is_training))
-        return layers.max_pool(x, 3, 2, padding=1)
+            return layers.max_pool(jax.nn.relu(self._bn("bn1")(x, is_training)), 3, 2, padding=1)
+        sw = self.stem_width
+        widths, strides = (sw, sw, 2 * sw), (2, 1, 1)
+        if self.stem == "tiered":
+            widths, strides = (3 * sw // 4, sw, 2 * sw), (2, 1, 2)
+        for i, (width, stride) in enumerate(zip(widths, strides), start=1):
+            x = layers.Conv(width, 3, stride, name=f"stem_conv{i}")(x)
+            x = jax.nn.relu(self._bn(f"stem_bn{i}" if i < 3 else "bn1")(x, is_training))
+        return x if self.stem == "tiered" else layers.max_pool(x, 3, 2, padding=1)
 
     def block_rates(self) -> list[float]:
         """Stochastic-depth drop rate of every block, in order."""
@@ -189,9 +284,12 @@ class ResNet(hk.Module):
             first_dilation = dilation
             if s > 0 and self.dilate[s - 1]:
                 dilation, stride = dilation * stride, 1
+            opts = {**self.opts, "deformable": s + 1 in self.deformable_stages}
+            if s + 1 not in self.attention_stages:
+                opts["attention"] = None
             for i in range(depth):
                 x = block_cls(planes, stride if i == 0 else 1, dilation,
-                              first_dilation if i == 0 else dilation, next(rates), self.opts,
+                              first_dilation if i == 0 else dilation, next(rates), opts,
                               name=f"layer{s + 1}_{i}")(x, is_training)
             maps[f"stage{s + 1}"] = x
         return maps
@@ -210,31 +308,67 @@ class ResNet(hk.Module):
 
 _DEEP_STEM = {"stem_conv1": "conv1.0", "stem_bn1": "conv1.1", "stem_conv2": "conv1.3",
               "stem_bn2": "conv1.4", "stem_conv3": "conv1.6"}
+# timm's SK blocks wrap conv + BN as ConvNormAct ("conv1.conv", "conv1.bn") where the other
+# blocks have "conv1" and "bn1".
+_SK_CONV_NORM = {"basic": ("conv2", "bn2"), "bottleneck": ("conv1", "bn1", "conv3", "bn3")}
+
+
+def _split_index(part: str) -> str:
+    """"layer1_0" -> "layer1.0", "paths_1" -> "paths.1" (PyTorch's Sequential/ModuleList)."""
+    return re.sub(r"_(\d+)$", r".\1", part)
 
 
 def torch_name(path: str, config: Mapping[str, Any]) -> str:
-    """Our dotted module path (e.g. "layer1_0.downsample_conv") -> the PyTorch module name."""
+    """Our dotted module path (e.g. "layer1_0.downsample_conv") -> the PyTorch module name
+    (torchvision's, and timm's ResNet, ResNeSt and SKNet)."""
     # timm's ResNet-D shortcut is Sequential(pool, conv, bn); the plain one Sequential(conv, bn).
     shift = 1 if config.get("avg_down") else 0
     renames = {**_DEEP_STEM, "downsample_conv": f"downsample.{shift}",
                "downsample_bn": f"downsample.{shift + 1}"}
-    parts = []
-    for part in path.split("."):
-        m = re.fullmatch(r"layer(\d)_(\d+)", part)
-        parts.append(f"layer{m[1]}.{m[2]}" if m else renames.get(part, part))
+    parts = [renames.get(p, _split_index(p)) for p in path.split(".")]
+    if parts[0].startswith("layer") and len(parts) > 1:
+        child = parts[1]
+        if config.get("selective_kernel") and child in _SK_CONV_NORM[config.get("block",
+                                                                               "bottleneck")]:
+            parts[1] = f"conv{child[-1]}.{'bn' if child.startswith('bn') else 'conv'}"
+        elif child in ("cbam", "gc"):  # timm keeps any block attention as `se`
+            parts[1] = "se"
+        if child == "cbam" and parts[2:3] == ["spatial"]:  # a ConvNormAct there too
+            parts[3] = f"conv.{parts[3]}"
     return ".".join(parts)
+
+
+_BYOB_BLOCK = {"conv1": "conv1_1x1.conv", "bn1": "conv1_1x1.bn", "conv2": "conv2_kxk.conv",
+               "bn2": "conv2_kxk.bn", "conv3": "conv3_1x1.conv", "bn3": "conv3_1x1.bn",
+               "downsample_conv": "shortcut.conv", "downsample_bn": "shortcut.bn",
+               "se": "attn", "cbam": "attn", "gc": "attn"}
+
+
+def byobnet_torch_name(path: str, config: Mapping[str, Any]) -> str:
+    """Module names of timm's ByobNet ResNets (gcresnet50t): "stem.conv1.conv",
+    "stages.1.0.conv2_kxk.bn", "head.fc"."""
+    parts = path.split(".")
+    m = re.fullmatch(r"layer(\d)_(\d+)", parts[0])
+    if m:
+        return ".".join([f"stages.{int(m[1]) - 1}.{m[2]}", _BYOB_BLOCK[parts[1]], *parts[2:]])
+    m = re.fullmatch(r"stem_(conv|bn)(\d)", parts[0])
+    if m:
+        return f"stem.conv{m[2]}.{m[1]}"
+    return {"bn1": "stem.conv3.bn", "fc": "head.fc"}[parts[0]]
 
 
 # ----------------------------------------------------------------------------------------------
 # Registered variants. Counts: ../shared/reference/params.json (with head, without, BN stats).
 
 
-def _variant(name, reference, counts, **config) -> ModelInfo:
+def _variant(name, reference, counts, *, torch_names=torch_name, info=None,
+             **config) -> ModelInfo:
+    """A registered row; `info` holds further ModelInfo fields (sizes, preprocessing)."""
     with_head, no_head, bn_stats = counts or (None, None, None)
     return ModelInfo(name=name, family="resnet", builder=ResNet, config=config,
                      reference=reference, reference_params=with_head,
                      reference_params_no_head=no_head, reference_bn_stat_elems=bn_stats,
-                     torch_name=torch_name)
+                     torch_name=torch_names, **(info or {}))
 
 
 R18, R34 = dict(block="basic", layers=(2, 2, 2, 2)), dict(block="basic", layers=(3, 4, 6, 3))
@@ -242,6 +376,10 @@ R50, R101, R152 = dict(layers=(3, 4, 6, 3)), dict(layers=(3, 4, 23, 3)), dict(la
 # timm initialises the last BN of every block to zero (zero_init_last=True).
 TIMM = dict(zero_init_residual=True)
 SE = dict(attention="se", **TIMM)
+RESNEST = dict(stem="deep", stem_width=32, avg_down=True, radix=2, avd=True, **TIMM)
+SK = dict(selective_kernel=True)  # timm's SK-ResNets keep zero_init_last=False
+GC_PAPER = dict(attention="gc", attention_stages=(2, 3, 4), **TIMM)
+BICUBIC = dict(preprocessing=Preprocessing(interpolation="bicubic"))
 
 VARIANTS = (
     _variant("resnet18", "torchvision:resnet18", (11689512, 11176512, 9600), **R18),
@@ -272,4 +410,47 @@ VARIANTS = (
     *(_variant(f"resnext50_{c}x{w}d", "paper:ResNeXt (Xie et al. 2017), Table 2", None,
                groups=c, width_per_group=w, **R50)
       for c, w in ((1, 64), (2, 40), (4, 24), (8, 14))),
+    # ResNeSt (Zhang et al. 2020; timm's ports of the official weights): deep stem, avg-down,
+    # radix 2 split attention, avg-pool downsampling in the block.
+    _variant("resnest14d", "timm:resnest14d", (10611688, 8562688, 22336),
+             layers=(1, 1, 1, 1), **RESNEST),
+    _variant("resnest26d", "timm:resnest26d", (17069448, 15020448, 36736),
+             layers=(2, 2, 2, 2), **RESNEST),
+    _variant("resnest50d", "timm:resnest50d", (27483240, 25434240, 64576), **RESNEST, **R50),
+    _variant("resnest50d_1s4x24d", "timm:resnest50d_1s4x24d", (25677000, 23628000, 63680),
+             info=BICUBIC, **{**RESNEST, "radix": 1}, split_attention=True, avd_first=True,
+             groups=4, width_per_group=24, **R50),
+    _variant("resnest101e", "timm:resnest101e", (48275016, 46226016, 130112),
+             info=dict(train_size=256, test_size=256), **{**RESNEST, "stem_width": 64},
+             **R101),
+    # SKNet (Li et al. 2019), timm's variants: SK-ResNets split the input across the two paths;
+    # skresnext50_32x4d is the paper's SKNet-50 (r 16, L 32, whole input to both paths).
+    _variant("skresnet18", "timm:skresnet18", (11958056, 11445056, 13952), info=BICUBIC,
+             sk_ratio=1 / 8, sk_min_width=16, **SK, **R18),
+    _variant("skresnet34", "timm:skresnet34", (22282376, 21769376, 25568), info=BICUBIC,
+             sk_ratio=1 / 8, sk_min_width=16, **SK, **R34),
+    _variant("skresnet50", "timm:skresnet50", (25803160, 23754160, 61168), info=BICUBIC,
+             **SK, **R50),
+    _variant("skresnext50_32x4d", "timm:skresnext50_32x4d", (27479784, 25430784, 84544),
+             info=BICUBIC, groups=32, width_per_group=4, sk_min_width=32, sk_split_input=False,
+             **SK, **R50),
+    # CBAM (Woo et al. 2018) in every bottleneck: timm's resnet50 with
+    # block_args=dict(attn_layer="cbam") (no registered timm model; the shared table builds it).
+    _variant("cbam_resnet50", "timm-constructed:cbam_resnet50", (28073576, 26024576, 53152),
+             attention="cbam", **TIMM, **R50),
+    # GCNet (Cao et al. 2019): the paper's ResNet-50 with a GC block (ratio 1/16 or 1/4,
+    # LayerNorm, fusion by addition) after the last BN of every bottleneck of stages 2-4, as the
+    # authors' mmdetection code (its LayerNorm eps 1e-5).
+    _variant("gcnet_resnet50", "timm-constructed:gcnet_r50_paper_r16",
+             (28078773, 26029773, 53120), **GC_PAPER, **R50),
+    _variant("gcnet_resnet50_r4", "timm-constructed:gcnet_r50_paper_r4",
+             (35557941, 33508941, 53120), **{**GC_PAPER, "attention_ratio": 1 / 4}, **R50),
+    # timm's GC-ResNet-50-T (ByobNet): tiered stem without max pool, a GC block (ratio 1/8,
+    # LayerNorm eps 1e-6) after the 3x3 conv of every bottleneck.
+    _variant("gcresnet50t", "timm:gcresnet50t", (25897080, 23848080, 53232),
+             torch_names=byobnet_torch_name,
+             info=dict(train_size=256, test_size=288,
+                       preprocessing=Preprocessing(crop_fraction=1.0, interpolation="bicubic")),
+             stem="tiered", stem_width=32, attention="gc", attention_ratio=1 / 8,
+             attention_position="mid", gc_layer_norm_eps=1e-6, **TIMM, **R50),
 )

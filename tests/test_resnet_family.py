@@ -128,9 +128,114 @@ def test_stochastic_depth_is_random_in_training_and_inactive_in_eval():
 
 def test_bad_option_values_are_rejected():
     images = random_images(1, 32)
-    for bad, match in [(dict(block="wide"), "block must be"), (dict(stem="9x9"), "stem must"),
-                       (dict(attention="cbam"), "unknown attention"),
+    for bad, match in [(dict(block="wide"), "block must be one of"),
+                       (dict(stem="9x9"), "stem must be one of"),
+                       (dict(attention="nonlocal"), "attention must be one of"),
+                       (dict(attention_stages=(0, 1)), "1-based stage numbers"),
+                       (dict(radix=0), "radix must be"),
+                       (dict(selective_kernel=True, radix=2), "either selective-kernel"),
                        (dict(replace_stride_with_dilation=(True,)), "one flag")]:
         with pytest.raises(ValueError, match=match):
             nets.transformed("resnet50", **bad).init(jax.random.key(0), images,
                                                      is_training=True)
+    with pytest.raises(ValueError, match="need the bottleneck block"):
+        nets.transformed("resnet18", radix=2).init(jax.random.key(0), images, is_training=True)
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_features_are_four_stages_at_strides_4_to_32(name):
+    info = nets.model_info(name)
+    f = nets.transformed_features(name)
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
+    params, state = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True),
+                                   images)
+    maps, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),
+                             params, state, images)
+    expansion = 1 if info.config.get("block") == "basic" else 4
+    assert info.feature_strides == (4, 8, 16, 32)
+    assert {k: v.shape for k, v in maps.items()} == {
+        f"stage{i + 1}": (1, 64 // stride, 64 // stride, 64 * 2**i * expansion)
+        for i, stride in enumerate(info.feature_strides)}
+
+
+# ResNeSt, SKNet, GCNet, CBAM ----------------------------------------------------------------
+
+SHALLOW = dict(layers=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("groups,width_per_group", [(1, 64), (32, 4)])
+def test_resnest_with_radix_1_is_resnet_d_and_resnext_d(groups, width_per_group):
+    """Radix 1 and cardinality 1 is the plain bottleneck, cardinality > 1 ResNeXt's: the same
+    parameters and the same function (with avd off: avg-pool downsampling inside the block is
+    ResNeSt's, not the radix's)."""
+    plain = dict(groups=groups, width_per_group=width_per_group, **SHALLOW)
+    resnest = dict(radix=1, avd=False, **plain)
+    assert jax.tree.map(np.shape, nets.convert.shapes("resnest50d", 10, **resnest)) == \
+        jax.tree.map(np.shape, nets.convert.shapes("resnet50d", 10, **plain))
+    images = random_images(2, 32)
+    params, state = jax.jit(nets.transformed("resnet50d", 10, **plain).init,
+                            static_argnames="is_training")(jax.random.key(0), images,
+                                                           is_training=True)
+    state = jax.tree.map(lambda v: v + 0.1, state)
+    expected, _ = jitted_apply("resnet50d", 10, **plain)(params, state, None, images,
+                                                         is_training=False)
+    got, _ = jitted_apply("resnest50d", 10, **resnest)(params, state, None, images,
+                                                       is_training=False)
+    np.testing.assert_array_equal(got, expected)
+    # Radix 2 (or one split with the attention kept) adds the split-attention layers.
+    for split in (dict(radix=2), dict(split_attention=True)):
+        params, _ = nets.convert.shapes("resnest50d", 10, **{**resnest, **split})
+        assert {"resnet/layer1_0/conv2/fc1", "resnet/layer1_0/conv2/bn1"} <= set(params)
+
+
+def test_resnest_split_attention_widths():
+    params, _ = nets.convert.shapes("resnest50d", 10)
+    assert params["resnet/layer2_0/conv2/conv"]["w"].shape == (3, 3, 64, 256)  # radix 2 x 128
+    params, _ = nets.convert.shapes("resnest50d_1s4x24d", 10)
+    # One split: fc1 grouped by the 4 cardinal groups, width max(96 / 4, 32) (the reference's
+    # minimum); the 3x3 pools before it (avd_first), so the 3x3 itself is stride 1.
+    assert params["resnet/layer1_0/conv2/fc1"]["w"].shape == (1, 1, 96 // 4, 32)
+    assert params["resnet/layer2_0/conv2/conv"]["w"].shape == (3, 3, 192 // 4, 192)
+
+
+@pytest.mark.parametrize("name,attn_width", [("skresnet18", 16), ("skresnet50", 8),
+                                             ("skresnext50_32x4d", 32)])
+def test_selective_kernel_fuse_width_is_max_of_c_over_r_and_l(name, attn_width):
+    params, _ = nets.convert.shapes(name, 10)
+    first = "conv1" if nets.model_info(name).config.get("block") == "basic" else "conv2"
+    reduce = params[f"resnet/layer1_0/{first}/attn/fc_reduce"]["w"]
+    assert reduce.shape[-1] == attn_width
+    # two paths: a 3x3 and a dilated 3x3 standing for the 5x5
+    paths = {k for k in params if f"layer1_0/{first}/paths_" in k and k.endswith("/conv")}
+    assert len(paths) == 2
+
+
+def test_gcnet_places_global_context_blocks_in_stages_2_to_4_only():
+    params, _ = nets.convert.shapes("gcnet_resnet50", 10)
+    with_gc = {k.split("/")[1] for k in params if "/gc/" in k}
+    assert with_gc == {f"layer{s}_{i}" for s, n in ((2, 4), (3, 6), (4, 3)) for i in range(n)}
+    # bottleneck transform C -> C/16 -> C with a LayerNorm, attention pooling C -> 1
+    assert params["resnet/layer4_0/gc/mlp_add/fc1"]["w"].shape == (1, 1, 2048, 128)
+    assert params["resnet/layer4_0/gc/mlp_add/norm"]["scale"].shape == (128,)
+    assert params["resnet/layer4_0/gc/conv_attn"]["w"].shape == (1, 1, 2048, 1)
+
+
+def test_global_context_starts_as_the_identity_or_a_half_gate():
+    """The transform's last conv starts at zero (the authors' init): fusion by addition is the
+    identity at init, the scale form a constant 0.5 gate. (Its numerics are checked against
+    timm's GlobalContext in test_resnet_reference.)"""
+    x = random_images(2, 6, channels=8)
+    for fusion, expected in (("add", x), ("scale", 0.5 * x)):
+        f = hk.transform(lambda x, fusion=fusion: nets.attention.GlobalContext(2, fusion)(x))
+        params = jax.jit(f.init)(jax.random.key(0), x)
+        assert np.abs(params["global_context/conv_attn"]["w"]).max() > 0
+        np.testing.assert_allclose(jax.jit(f.apply)(params, None, x), expected, rtol=1e-6)
+
+
+def test_cbam_is_timms_module_on_every_bottleneck():
+    params, _ = nets.convert.shapes("cbam_resnet50", 10)
+    blocks = {k.split("/")[1] for k in params if "/cbam/" in k}
+    assert len(blocks) == 16
+    assert params["resnet/layer1_0/cbam/channel/fc1"]["w"].shape == (1, 1, 256, 16)
+    assert params["resnet/layer1_0/cbam/spatial/conv"]["w"].shape == (7, 7, 2, 1)
+    assert "b" not in params["resnet/layer1_0/cbam/channel/fc1"]

@@ -1,6 +1,8 @@
 """ResNet-family outputs equal torchvision's and timm's on converted weights (random init with
 BN statistics randomised, eval mode), for logits and the four stage maps."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -10,30 +12,69 @@ from tests import reference
 from tests.helpers import jitted_apply, random_images
 
 SIZE = 64  # small, to keep compiles cheap; every layer still sees a >= 2x2 map
+
+
+def _timm(name, **kwargs):
+    return lambda: reference.timm().create_model(name, **kwargs)
+
+
+def _timm_global_context(**kwargs):
+    from timm.layers import GlobalContext
+
+    return functools.partial(GlobalContext, **kwargs)
+
+
+SHALLOW = dict(layers=(1, 1, 1, 1))  # one block per stage where the block is what is tested
+# case: (our variant, its overrides, the reference model)
 REFERENCES = {
-    "resnet18": lambda: reference.torchvision().models.resnet18(),
-    "resnet50": lambda: reference.torchvision().models.resnet50(),
-    "resnext50_32x4d": lambda: reference.torchvision().models.resnext50_32x4d(),
-    "seresnet50": lambda: reference.timm().create_model("seresnet50"),
-    "resnet50d": lambda: reference.timm().create_model("resnet50d"),
+    "resnet18": ("resnet18", {}, lambda: reference.torchvision().models.resnet18()),
+    "resnet50": ("resnet50", {}, lambda: reference.torchvision().models.resnet50()),
+    "resnext50_32x4d": ("resnext50_32x4d", {},
+                        lambda: reference.torchvision().models.resnext50_32x4d()),
+    "seresnet50": ("seresnet50", {}, _timm("seresnet50")),
+    "resnet50d": ("resnet50d", {}, _timm("resnet50d")),
+    "resnest14d": ("resnest14d", {}, _timm("resnest14d")),
+    "resnest50d": ("resnest50d", {}, _timm("resnest50d")),
+    "skresnext50_32x4d": ("skresnext50_32x4d", {}, _timm("skresnext50_32x4d")),
+    "cbam_resnet50": ("cbam_resnet50", {}, _timm("resnet50", block_args=dict(attn_layer="cbam"))),
+    "gcresnet50t": ("gcresnet50t", {}, _timm("gcresnet50t")),
+    # The SK basic block with split inputs; ResNeSt with one split (a sigmoid gate), 4 groups
+    # and the pool before the 3x3; GC blocks after every block's last BN (timm's LayerNorm eps).
+    "skresnet18-shallow": ("skresnet18", SHALLOW, _timm("skresnet18", layers=[1, 1, 1, 1])),
+    "resnest50d_1s4x24d-shallow": ("resnest50d_1s4x24d", SHALLOW,
+                                   _timm("resnest50d_1s4x24d", layers=[1, 1, 1, 1])),
+    "gc-all-stages-shallow": (
+        "gcnet_resnet50", dict(attention_stages=(1, 2, 3, 4), gc_layer_norm_eps=1e-6, **SHALLOW),
+        lambda: reference.timm().create_model("resnet50", layers=[1, 1, 1, 1], block_args=dict(
+            attn_layer=_timm_global_context(fuse_add=True, fuse_scale=False, rd_ratio=1 / 16)))),
 }
 
 
-def _reference_model(name, **kwargs):
+def _reference_model(case, **kwargs):
     torch = reference.torch()
     torch.manual_seed(0)
-    model = REFERENCES[name](**kwargs) if kwargs else REFERENCES[name]()
+    model = REFERENCES[case][2](**kwargs) if kwargs else REFERENCES[case][2]()
     reference.randomize_batchnorm(model.eval())
+    with torch.no_grad():  # zero-initialised layers (GC's last conv) would hide their path
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn_like(param) * 0.1)
     return model
 
 
+def _stages(model):
+    if hasattr(model, "layer1"):
+        return [getattr(model, f"layer{i}") for i in range(1, 5)]
+    return list(model.stages)  # timm's ByobNet
+
+
 def _run_reference(model, images):
-    """Logits and the outputs of layer1..layer4 (forward hooks)."""
+    """Logits and the outputs of the four stages (forward hooks)."""
     torch = reference.torch()
     maps = {}
-    hooks = [getattr(model, f"layer{i}").register_forward_hook(
+    hooks = [stage.register_forward_hook(
         lambda m, inp, out, i=i: maps.__setitem__(f"stage{i}", out.numpy().transpose(0, 2, 3, 1)))
-        for i in range(1, 5)]
+        for i, stage in enumerate(_stages(model), start=1)]
     with torch.no_grad():
         logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     for hook in hooks:
@@ -41,33 +82,40 @@ def _run_reference(model, images):
     return logits, maps
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_logits_and_stage_maps_equal_the_reference(name):
-    model = _reference_model(name)
+@pytest.mark.parametrize("case", sorted(REFERENCES))
+def test_logits_and_stage_maps_equal_the_reference(case):
+    name, overrides, _ = REFERENCES[case]
+    model = _reference_model(case)
     images = random_images(2, SIZE)
     ref_logits, ref_maps = _run_reference(model, images)
-    params, state = nets.convert.from_torch(name, model.state_dict())
-    logits, _ = jitted_apply(name)(params, state, None, images, is_training=False)
+    params, state = nets.convert.from_torch(name, model.state_dict(), **overrides)
+    logits, _ = jitted_apply(name, **overrides)(params, state, None, images, is_training=False)
     assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    no_head = {k: v for k, v in params.items() if not k.endswith("/fc")}
-    maps, _ = jitted_apply(name, features=True)(no_head, state, None, images,
-                                                  is_training=False)
+    classifier = nets.model_info(name).classifier
+    no_head = {k: v for k, v in params.items() if not k.endswith(f"/{classifier}")}
+    maps, _ = jitted_apply(name, features=True, **overrides)(no_head, state, None, images,
+                                                              is_training=False)
     for stage, ref_map in ref_maps.items():
         np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4, rtol=1e-4,
                                    err_msg=stage)
 
 
-def test_training_mode_outputs_and_running_statistics_equal_torchvision():
+@pytest.mark.parametrize("case", ["resnet18", "resnest14d", "skresnet18-shallow"])
+def test_training_mode_outputs_and_running_statistics_equal_the_reference(case):
+    """Batch statistics everywhere, including the BNs inside split and selective-kernel
+    attention, which see one pooled value per image."""
     torch = reference.torch()
-    model = _reference_model("resnet18").train()
+    name, overrides, _ = REFERENCES[case]
+    model = _reference_model(case).train()
     images = random_images(4, 32, seed=3)
-    params, state = nets.convert.from_torch("resnet18", model.state_dict())
-    logits, new_state = jitted_apply("resnet18")(params, state, None, images, is_training=True)
+    params, state = nets.convert.from_torch(name, model.state_dict(), **overrides)
+    logits, new_state = jitted_apply(name, **overrides)(params, state, None, images,
+                                                        is_training=True)
     with torch.no_grad():
         ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-4)
-    _, ref_state = nets.convert.from_torch("resnet18", model.state_dict())
+    _, ref_state = nets.convert.from_torch(name, model.state_dict(), **overrides)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  new_state, ref_state)
 

@@ -1,0 +1,275 @@
+"""Pseudo-3D ResNet: the A/B/C block cycle (read from the computation itself), counts derived by
+hand from the stage table, the two reference definitions' pooling and block semantics, clip
+lengths, and conversion from the PyTorch port's state-dict layout."""
+
+import functools
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+import nets
+from nets import p3d
+from tests.helpers import count, jitted_apply
+
+STAGES = {"p3d_resnet199": (3, 8, 36, 3), "p3d_resnet50": (3, 4, 6, 3)}
+# A cheap network whose six pseudo-3D blocks cross both 3-D stage boundaries.
+SMALL = dict(layers=(2, 2, 2, 1))
+
+
+def _clip(frames=16, size=32, batch=1, seed=0):
+    return np.random.RandomState(seed).randn(batch, frames, size, size, 3).astype(np.float32)
+
+
+def _random_variables(f, clip, seed=1):
+    """Random (params, state) of the shapes f.init gives, without compiling f.init (slow for
+    3-D nets on XLA:CPU): fan-in scaled weights, and BN scales, offsets and running statistics
+    away from the identity so that every BN acts in eval mode."""
+    shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
+    rng = np.random.RandomState(seed)
+
+    def draw(path, s):
+        leaf = path[-1].key
+        if leaf == "w":
+            return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        if leaf in ("scale", "var"):
+            return rng.rand(*s.shape) * 0.5 + 0.5
+        return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
+
+    return jax.tree.map(lambda v: np.asarray(v, np.float32),
+                        jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+def _hand_counts(stage_blocks, num_classes):
+    """(parameters, BN statistic elements) of a P3D ResNet from its stage table: 1x7x7 stem conv
+    + BN; per pseudo-3D block 1x1 -> S 1x3x3 -> T 3x1x1 -> 1x1 (x4), each with BN; per 2-D block
+    (last stage) 1x1 -> 3x3 -> 1x1; a 1x1 projection + BN on every stage's first block; fc."""
+    conv, bn_channels, c_in = 7 * 7 * 3 * 64, [64], 64
+    for s, (planes, blocks) in enumerate(zip((64, 128, 256, 512), stage_blocks)):
+        out = 4 * planes
+        middle = [1 * 3 * 3, 3 * 1 * 1] if s < 3 else [3 * 3]
+        for i in range(blocks):
+            conv += c_in * planes + sum(k * planes * planes for k in middle) + planes * out
+            bn_channels += [planes] * (1 + len(middle)) + [out]
+            if i == 0:
+                conv += c_in * out
+                bn_channels.append(out)
+            c_in = out
+    head = 2048 * num_classes + num_classes if num_classes else 0
+    return conv + 2 * sum(bn_channels) + head, 2 * sum(bn_channels)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_parameter_and_bn_statistic_counts_equal_the_hand_count(name):
+    params, state = nets.convert.shapes(name, 400)
+    no_head, _ = nets.convert.shapes(name, 0)
+    expected, bn_stats = _hand_counts(STAGES[name], 400)
+    assert nets.convert.count_params(name, 400) == count(params) == expected
+    assert count(no_head) == _hand_counts(STAGES[name], 0)[0]
+    assert count(state) == bn_stats
+    # The extra layers over the ResNet skeleton are the T convs: 199 = 152 + 47, 63 = 50 + 13.
+    assert sum(k.endswith("/conv3") and v["w"].shape[:3] == (3, 1, 1)
+               for k, v in params.items()) == sum(STAGES[name][:3])
+
+
+def test_the_hand_count_gives_resnet152_plus_the_temporal_convs():
+    # Without T convs a P3D-199 is ResNet-152 with a 400-way head (torchvision: 60,192,808).
+    total, _ = _hand_counts((3, 8, 36, 3), 400)
+    t_convs = sum(n * (3 * w * w + 2 * w) for n, w in ((3, 64), (8, 128), (36, 256)))
+    assert total - t_convs == 60_192_808 - 600 * 2049
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_registered_block_kinds_cycle_through_all_3d_stages(name):
+    kinds = hk.transform(lambda: nets.create(name).block_kinds()).apply({}, None)
+    n_3d = sum(STAGES[name][:3])
+    assert kinds == tuple("ABC"[i % 3] for i in range(n_3d)) + ("2d",) * STAGES[name][3]
+    assert kinds[STAGES[name][0]] == "A"  # res3a continues the cycle, it does not restart it
+
+
+@functools.cache
+def _recorded(definition):
+    """Eval forward of the SMALL network with every module call's (input, output) recorded."""
+
+    def forward(clip):
+        records = {}
+
+        def record(next_fn, args, kwargs, context):
+            out = next_fn(*args, **kwargs)
+            if context.method_name == "__call__":
+                records[nets.registry.module_path(context.module.module_name)] = (args[0], out)
+            return out
+
+        with hk.intercept_methods(record):
+            model = nets.create("p3d_resnet50", 10, definition=definition, **SMALL)
+            logits = model(clip, is_training=False)
+        return logits, records
+
+    f = hk.transform_with_state(lambda clip, is_training: forward(clip))
+    clip = _clip()
+    params, state = _random_variables(f, clip)
+    (logits, records), _ = jax.jit(f.apply, static_argnames="is_training")(
+        params, state, None, clip, is_training=False)
+    return logits, jax.tree.map(np.asarray, records)
+
+
+def _kind_from_dataflow(records, block, definition):
+    """Which unit a block computed, from what its T conv and its last 1x1 conv received."""
+    relu = functools.partial(np.maximum, 0)
+    s_in = records[f"{block}.conv2"][0]
+    s = relu(records[f"{block}.bn2"][1])
+    t_in, t = records[f"{block}.conv3"][0], records[f"{block}.bn3"][1]
+    last_in = records[f"{block}.conv4"][0]
+    caffe = definition == "caffe"
+    if np.array_equal(t_in, s_in):  # parallel
+        np.testing.assert_allclose(last_in, relu(s + t) if caffe else s + relu(t), atol=1e-5)
+        return "B"
+    np.testing.assert_allclose(t_in, s, atol=1e-6)  # serial: T reads S's output
+    if np.allclose(last_in, relu(t), atol=1e-5):
+        return "A"
+    np.testing.assert_allclose(last_in, relu(0.5 * s + 0.5 * t) if caffe else s + relu(t),
+                               atol=1e-5)
+    return "C"
+
+
+@pytest.mark.parametrize("definition", p3d.DEFINITIONS)
+def test_blocks_compute_a_b_c_in_cycle_across_stage_boundaries(definition):
+    logits, records = _recorded(definition)
+    blocks = ["layer1_0", "layer1_1", "layer2_0", "layer2_1", "layer3_0", "layer3_1"]
+    assert [_kind_from_dataflow(records, b, definition) for b in blocks] == list("ABCABC")
+    kinds = hk.transform(lambda: nets.create("p3d_resnet50", **SMALL).block_kinds())
+    assert kinds.apply({}, None) == tuple("ABCABC") + ("2d",)
+    # The last stage is 2-D: time has been pooled away and no S/T convs exist there.
+    assert records["layer4_0.conv_normal"][0].ndim == 4
+    assert "layer4_0.conv2" not in records and "layer4_0.conv3" not in records
+    assert logits.shape == (1, 10) and np.all(np.isfinite(logits))
+
+
+def test_the_two_definitions_differ_only_in_computation():
+    caffe, _ = _recorded("caffe")
+    port, _ = _recorded("pytorch")
+    assert not np.allclose(caffe, port)
+    a = nets.convert.shapes("p3d_resnet50", 400, **SMALL)
+    b = nets.convert.shapes("p3d_resnet50", 400, definition="pytorch", **SMALL)
+    assert jax.tree.map(lambda s: s.shape, a) == jax.tree.map(lambda s: s.shape, b)
+
+
+@pytest.mark.parametrize("definition,maxima", [
+    # Caffe: windows start at 0, 2, 4 and the last one is clipped to rows 4-5.
+    ("caffe", [2, 4, 5]),
+    # The port pads by one: windows start at -1, 1, 3.
+    ("pytorch", [1, 3, 5])])
+def test_stem_pool_windows_follow_the_reference(definition, maxima):
+    x = np.arange(4 * 6 * 6, dtype=np.float32).reshape(1, 4, 6, 6, 1)  # increasing everywhere
+    y = np.asarray(p3d.max_pool(x, (2, 3, 3), (2, 2, 2), definition))
+    assert y.shape == (1, 2, 3, 3, 1)
+    # With increasing values a window's max is its last (frame, row, column).
+    expected = x[0, [1, 3]][:, maxima][:, :, maxima, 0]
+    np.testing.assert_array_equal(y[0, ..., 0], expected)
+
+
+@pytest.mark.parametrize("definition,frames", [("caffe", 1), ("caffe", 16),
+                                               ("pytorch", 16), ("pytorch", 31)])
+def test_clip_lengths_that_pool_to_one_frame(definition, frames):
+    assert p3d.frames_before_last_stage(frames, definition) == 1
+    f = nets.transformed("p3d_resnet50", 400, definition=definition, **SMALL)
+    clip = jax.ShapeDtypeStruct((1, frames, 32, 32, 3), np.float32)
+    params, state = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
+    logits, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),
+                               params, state, clip)
+    assert logits.shape == (1, 400)
+
+
+def test_forward_on_a_small_clip_gives_finite_logits():
+    name = "p3d_resnet50"
+    clip = _clip()
+    params, state = _random_variables(nets.transformed(name, 400), clip)
+    logits, _ = jitted_apply(name, 400)(params, state, None, clip, is_training=False)
+    assert logits.shape == (1, 400) and np.all(np.isfinite(logits))
+
+
+def test_features_are_3d_then_2d_at_strides_4_to_32():
+    f = nets.transformed_features("p3d_resnet50")
+    clip = nets.convert.example_images("p3d_resnet50")
+    assert clip.shape == (1, 16, 160, 160, 3)
+    params, state = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
+    maps, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),
+                             params, state, clip)
+    assert {k: v.shape for k, v in maps.items()} == {
+        "stage1": (1, 8, 40, 40, 256), "stage2": (1, 4, 20, 20, 512),
+        "stage3": (1, 2, 10, 10, 1024), "stage4": (1, 5, 5, 2048)}
+    assert nets.model_info("p3d_resnet50").feature_strides == (4, 8, 16, 32)
+
+
+def _init_shapes(clip_shape, **overrides):
+    f = nets.transformed("p3d_resnet50", 400, **{**SMALL, **overrides})
+    clip = jax.ShapeDtypeStruct(clip_shape, np.float32)
+    return jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
+
+
+@pytest.mark.parametrize("shape,overrides,match", [
+    ((1, 32, 32, 3), {}, "rank 4"),
+    ((1, 16, 32, 32, 1), {}, "3 channels"),
+    ((1, 17, 32, 32, 3), {}, "1-16 frames"),
+    ((1, 8, 32, 32, 3), dict(definition="pytorch"), "16-31 frames"),
+    ((1, 16, 32, 32, 3), dict(definition="tf"), "definition must be"),
+    ((1, 16, 32, 32, 3), dict(cycle="ABD"), "cycle must be"),
+    ((1, 16, 32, 32, 3), dict(layers=(3, 4, 6)), "4 positive"),
+])
+def test_bad_inputs_and_options_raise_clear_errors(shape, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _init_shapes(shape, **overrides)
+
+
+def _port_state_dict(stage_blocks, num_classes, seed=0):
+    """Random tensors under the names and shapes of qijiezhao/pseudo-3d-pytorch's P3D state
+    dict: Conv3d weights (O, I, t, h, w), Conv2d (O, I, h, w) in layer4, BatchNorm3d/2d."""
+    shapes = {"conv1_custom.weight": (64, 3, 1, 7, 7)}
+
+    def bn(prefix, c):
+        shapes.update({f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean",
+                                                       "running_var")})
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    bn("bn1", 64)
+    c_in = 64
+    for s, (planes, blocks) in enumerate(zip((64, 128, 256, 512), stage_blocks)):
+        pointwise = (1, 1, 1) if s < 3 else (1, 1)
+        for i in range(blocks):
+            p = f"layer{s + 1}.{i}"
+            shapes[f"{p}.conv1.weight"] = (planes, c_in, *pointwise)
+            bn(f"{p}.bn1", planes)
+            if s < 3:
+                shapes[f"{p}.conv2.weight"] = (planes, planes, 1, 3, 3)
+                bn(f"{p}.bn2", planes)
+                shapes[f"{p}.conv3.weight"] = (planes, planes, 3, 1, 1)
+                bn(f"{p}.bn3", planes)
+            else:
+                shapes[f"{p}.conv_normal.weight"] = (planes, planes, 3, 3)
+                bn(f"{p}.bn_normal", planes)
+            shapes[f"{p}.conv4.weight"] = (4 * planes, planes, *pointwise)
+            bn(f"{p}.bn4", 4 * planes)
+            if i == 0:
+                shapes[f"{p}.downsample.0.weight"] = (4 * planes, c_in, *pointwise)
+                bn(f"{p}.downsample.1", 4 * planes)
+            c_in = 4 * planes
+    shapes.update({"fc.weight": (num_classes, 2048), "fc.bias": (num_classes,)})
+    rng = np.random.RandomState(seed)
+    return {k: np.asarray(rng.randn(*s), np.float32) for k, s in shapes.items()}
+
+
+def test_pytorch_port_state_dict_converts_by_renaming():
+    sd = _port_state_dict((3, 4, 6, 3), 400)
+    params, state = nets.convert.from_torch("p3d_resnet50", sd)
+    np.testing.assert_array_equal(params["p3d/conv1_custom"]["w"],
+                                  sd["conv1_custom.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(params["p3d/layer2_3/conv3"]["w"],
+                                  sd["layer2.3.conv3.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(params["p3d/layer4_0/conv_normal"]["w"],
+                                  sd["layer4.0.conv_normal.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["p3d/layer3_0/downsample_bn"]["scale"],
+                                  sd["layer3.0.downsample.1.weight"])
+    np.testing.assert_array_equal(state["p3d/layer1_2/bn3"]["var"],
+                                  sd["layer1.2.bn3.running_var"])
+    np.testing.assert_array_equal(params["p3d/fc"]["w"], sd["fc.weight"].T)

@@ -1,0 +1,209 @@
+"""Shake-Shake: the combination's forward and backward coefficients, the modes' draws, the paper's
+CIFAR-10 parameter counts (also by hand), the two-path shortcut and a forward pass."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import shake_shake as ss
+from tests.helpers import count, jitted_apply, random_images
+
+# A cheap network with one block per stage (depth 6 * 1 + 2).
+SMALL = dict(depth=8)
+
+
+def _random_variables(f, images, seed=1):
+    """Random (params, state) of the shapes f.init gives, without compiling f.init (which
+    XLA:CPU compiles far more slowly than the forward): fan-in scaled weights, BN scales,
+    offsets and running statistics away from the identity."""
+    shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), images)
+    rng = np.random.RandomState(seed)
+
+    def draw(path, s):
+        leaf = path[-1].key
+        if leaf == "w":
+            return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        if leaf in ("scale", "var"):
+            return rng.rand(*s.shape) * 0.5 + 0.5
+        return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
+
+    return jax.tree.map(lambda v: np.asarray(v, np.float32),
+                        jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+def test_forward_uses_alpha_and_backward_uses_beta():
+    rng = np.random.RandomState(0)
+    b1, b2, w = (rng.randn(2, 4, 4, 3).astype(np.float32) for _ in range(3))
+    alpha = np.array([0.3, 0.7], np.float32).reshape(2, 1, 1, 1)
+    beta = np.array([0.9, 0.2], np.float32).reshape(2, 1, 1, 1)
+
+    def loss(b1, b2):
+        return jnp.sum(ss.shake_shake(b1, b2, alpha, beta) * w)
+
+    out = jax.jit(ss.shake_shake)(b1, b2, alpha, beta)
+    np.testing.assert_allclose(out, alpha * b1 + (1 - alpha) * b2, rtol=1e-6)
+    g1, g2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(b1, b2)
+    np.testing.assert_allclose(g1, beta * w, rtol=1e-6)
+    np.testing.assert_allclose(g2, (1 - beta) * w, rtol=1e-6)
+    # The coefficients are constants: no gradient reaches them.
+    ga, gb = jax.grad(lambda a, b: jnp.sum(ss.shake_shake(b1, b2, a, b) * w), (0, 1))(
+        alpha, beta)
+    assert not np.any(ga) and not np.any(gb)
+
+
+def test_combination_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        ss.shake_shake(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 4, 4, 6)), 0.5, 0.5)
+    with pytest.raises(ValueError, match="broadcast"):
+        ss.shake_shake(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 4, 4, 3)), jnp.ones((3, 1, 1, 1)),
+                       0.5)
+
+
+def _coefficients(mode, batch, is_training, seed=0):
+    f = hk.transform(lambda: ss.shake_coefficients(mode, batch, is_training))
+    alpha, beta = f.apply({}, jax.random.key(seed) if is_training else None)
+    return np.asarray(alpha), np.asarray(beta)
+
+
+def test_shake_shake_image_draws_independent_uniforms_per_image():
+    alpha, beta = _coefficients("shake_shake_image", 4096, True)
+    assert alpha.shape == beta.shape == (4096, 1, 1, 1)
+    for c in (alpha.ravel(), beta.ravel()):
+        # Distinct draws (float32 has a few birthday collisions in 4096), within [0, 1).
+        assert len(np.unique(c)) > 0.99 * c.size and np.all((c >= 0) & (c < 1))
+        assert abs(c.mean() - 0.5) < 0.02 and abs(c.var() - 1 / 12) < 0.01  # U(0, 1)
+    assert abs(np.corrcoef(alpha.ravel(), beta.ravel())[0, 1]) < 0.05
+    again, _ = _coefficients("shake_shake_image", 4096, True, seed=1)
+    assert not np.allclose(alpha, again)
+
+
+def test_modes_batch_level_keep_and_even():
+    alpha, beta = _coefficients("shake_shake_batch", 8, True)
+    assert alpha.shape == (1, 1, 1, 1) and alpha != beta
+    alpha, beta = _coefficients("shake_keep_image", 8, True)
+    assert len(np.unique(alpha)) == 8 and np.array_equal(alpha, beta)
+    alpha, beta = _coefficients("shake_even_image", 8, True)
+    assert len(np.unique(alpha)) == 8 and np.all(beta == 0.5)
+    alpha, beta = _coefficients("even_even", 8, True)
+    assert np.all(alpha == 0.5) and np.all(beta == 0.5)
+
+
+@pytest.mark.parametrize("mode", ["shake_shake_image", "shake_keep_batch", "even_even"])
+def test_eval_coefficients_are_one_half_without_randomness(mode):
+    alpha, beta = _coefficients(mode, 3, False)  # no rng given: none may be drawn
+    assert np.all(alpha == 0.5) and np.all(beta == 0.5)
+
+
+@pytest.mark.parametrize("mode", ["shake", "shake_shake", "shake_shake_pixel", "odd_even_image",
+                                  "even_even_image", None])
+def test_bad_modes_are_rejected(mode):
+    with pytest.raises(ValueError, match="shake-shake mode"):
+        ss.parse_mode(mode)
+    with pytest.raises(ValueError, match="shake-shake mode"):
+        hk.transform(lambda: nets.create("shake_shake_26_2x32d", 10, mode=mode)).init(None)
+
+
+def _hand_count(width, num_classes, blocks=4):
+    """(parameters, BN statistic elements) of the paper's CIFAR net by hand: 3x3 conv 16 + BN;
+    per block two branches of two 3x3 convs + BN each; where the width changes two 1x1 convs
+    to half the width + one BN; fc with bias. No conv biases."""
+    params, bn, c_in = 3 * 3 * 3 * 16, [16], 16
+    for c in (width, 2 * width, 4 * width):
+        for _ in range(blocks):
+            params += 2 * (9 * c_in * c + 9 * c * c)
+            bn += [c] * 4
+            if c_in != c:
+                params += 2 * c_in * (c // 2)
+                bn.append(c)
+            c_in = c
+    return params + 2 * sum(bn) + 4 * width * num_classes + num_classes, 2 * sum(bn)
+
+
+@pytest.mark.parametrize("width,paper_millions", [(32, 2.9), (64, 11.7), (96, 26.2)])
+def test_counts_equal_the_hand_count_and_round_to_the_papers_table(width, paper_millions):
+    name = f"shake_shake_26_2x{width}d"
+    params, state = nets.convert.shapes(name, 10)
+    expected, bn_stats = _hand_count(width, 10)
+    assert nets.convert.count_params(name, 10) == count(params) == expected
+    assert count(state) == bn_stats
+    assert round(count(params) / 1e6, 1) == paper_millions
+
+
+def test_downsampling_shortcut_concatenates_a_plain_and_a_shifted_path():
+    params, _ = nets.convert.shapes("shake_shake_26_2x32d", 10)
+    assert params["shake_shake/layer2_0/shortcut_conv1"]["w"].shape == (1, 1, 32, 32)
+    assert params["shake_shake/layer2_0/shortcut_conv2"]["w"].shape == (1, 1, 32, 32)
+    assert "shake_shake/layer2_1/shortcut_conv1" not in params  # identity within a stage
+
+    def forward(images):
+        seen = {}
+
+        def record(next_fn, args, kwargs, context):
+            if context.method_name == "__call__":
+                seen[nets.registry.module_path(context.module.module_name)] = args[0]
+            return next_fn(*args, **kwargs)
+
+        with hk.intercept_methods(record):
+            nets.create("shake_shake_26_2x32d", 10, **SMALL)(images, is_training=False)
+        return seen
+
+    f = hk.transform_with_state(lambda images, is_training: forward(images))
+    images = random_images(1, 8)
+    params, state = _random_variables(f, images)
+    seen, _ = jax.jit(f.apply, static_argnames="is_training")(params, state, None, images,
+                                                              is_training=False)
+    h = np.maximum(np.asarray(seen["layer2_0"]), 0)  # the shortcut reads ReLU(x)
+    np.testing.assert_array_equal(seen["layer2_0.shortcut_conv1"], h[:, ::2, ::2])
+    # Shifted one pixel right and down: path 2 sees the odd pixels, zeros on the top and left.
+    expected = np.zeros_like(h[:, ::2, ::2])
+    expected[:, 1:, 1:] = h[:, 1:-1:2, 1:-1:2]
+    np.testing.assert_array_equal(seen["layer2_0.shortcut_conv2"], expected)
+    # The first block changes the width 16 -> 32 at stride 1: both paths see every pixel.
+    h1 = np.maximum(np.asarray(seen["layer1_0"]), 0)
+    np.testing.assert_array_equal(seen["layer1_0.shortcut_conv1"], h1)
+
+
+def test_training_shakes_and_eval_is_deterministic_at_one_half():
+    images = random_images(2, 32)
+    params, state = _random_variables(nets.transformed("shake_shake_26_2x32d", 10, **SMALL),
+                                      images)
+    shake = jitted_apply("shake_shake_26_2x32d", 10, **SMALL)
+    even = jitted_apply("shake_shake_26_2x32d", 10, mode="even_even", **SMALL)
+    a, _ = shake(params, state, jax.random.key(1), images, is_training=True)
+    b, _ = shake(params, state, jax.random.key(2), images, is_training=True)
+    assert not np.allclose(a, b)
+    evals = [shake(params, state, key, images, is_training=False)[0]
+             for key in (None, jax.random.key(3))]
+    np.testing.assert_array_equal(evals[0], evals[1])
+    # Eval is the even network: both branches weighted 0.5.
+    np.testing.assert_allclose(evals[0], even(params, state, None, images, is_training=False)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_forward_on_cifar_images_and_features():
+    name = "shake_shake_26_2x32d"
+    images = random_images(2, 32)
+    params, state = _random_variables(nets.transformed(name, 10), images)
+    logits, _ = jitted_apply(name, 10)(params, state, jax.random.key(1), images,
+                                       is_training=True)
+    assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
+    g = nets.transformed_features(name)
+    maps, _ = jax.eval_shape(lambda p, s, x: g.apply(p, s, None, x, is_training=False),
+                             *nets.convert.shapes(name, 0), images)
+    assert {k: v.shape for k, v in maps.items()} == {
+        "stage1": (2, 32, 32, 32), "stage2": (2, 16, 16, 64), "stage3": (2, 8, 8, 128)}
+    assert nets.model_info(name).feature_strides == (1, 2, 4)
+
+
+@pytest.mark.parametrize("overrides,images,match", [
+    ({}, np.zeros((1, 4, 32, 32, 3), np.float32), "rank 5"),
+    (dict(depth=25), random_images(1, 32), "6n \\+ 2"),
+    (dict(width=33), random_images(1, 32), "even int"),
+])
+def test_bad_inputs_and_options_raise_clear_errors(overrides, images, match):
+    f = nets.transformed("shake_shake_26_2x32d", 10, **overrides)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), images)
