@@ -3,8 +3,16 @@
 ResNet (He et al. 2016, torchvision's "v1.5": stride on the 3x3 conv), ResNeXt (cardinality =
 `groups`, bottleneck width = `width_per_group`), Wide ResNet (`width_per_group=128`),
 SE-ResNe(X)t (`attention="se"`), ResNet-D (`stem="deep"`, `avg_down=True`), dilated stages
-(`replace_stride_with_dilation`) and stochastic depth are options of one module; the registered
-variants at the bottom are rows of data.
+(`replace_stride_with_dilation`) and stochastic depth are options of one module, and so are the
+blocks' variations: ResNeSt's split-attention 3x3 (`radix`, `avd`), SKNet's selective-kernel 3x3
+(`selective_kernel`), deformable 3x3s (`deformable_stages`), and CBAM / GCNet attention
+(`attention="cbam"`, `"gc"`, in `attention_stages`). The registered variants at the bottom are
+rows of data.
+
+ResNeSt and the design notes disagree on radix 1: the notes call radix 1 plain ResNet/ResNeXt,
+the reference (timm, the official code) keeps the attention with a sigmoid gate for one split
+(resnest50d_1s4x24d). Here radix 1 is the plain 3x3 and `split_attention=True` keeps the
+attention, so both read as written.
 
 Module names mirror the reference PyTorch modules (`layer2_0/conv2` is `layer2.0.conv2`), so weight
 conversion is a renaming (`torch_name`).

@@ -239,3 +239,30 @@ def test_cbam_is_timms_module_on_every_bottleneck():
     assert params["resnet/layer1_0/cbam/channel/fc1"]["w"].shape == (1, 1, 256, 16)
     assert params["resnet/layer1_0/cbam/spatial/conv"]["w"].shape == (7, 7, 2, 1)
     assert "b" not in params["resnet/layer1_0/cbam/channel/fc1"]
+
+
+def test_deformable_stage_4_starts_as_half_the_regular_3x3():
+    """deformable_stages=(4,): the 3x3 convs of stage 4 become modulated deformable convs whose
+    offset/mask predictor (mmcv's `conv2.conv_offset`) starts at zero, i.e. offsets 0 and
+    modulation 0.5: the network equals the plain one with those 3x3 kernels halved."""
+    plain = dict(layers=(1, 1, 1, 2))
+    images = random_images(2, 32)
+    params, state = jax.jit(nets.transformed("resnet50", 10, **plain).init,
+                            static_argnames="is_training")(jax.random.key(0), images,
+                                                           is_training=True)
+    state = jax.tree.map(lambda v: v + 0.1, state)
+    shapes, _ = nets.convert.shapes("resnet50", 10, deformable_stages=(4,), **plain)
+    added = set(shapes) - set(params)
+    assert added == {"resnet/layer4_0/conv2/conv_offset", "resnet/layer4_1/conv2/conv_offset"}
+    assert shapes["resnet/layer4_0/conv2/conv_offset"]["w"].shape == (3, 3, 512, 27)
+    zeros = lambda s: np.zeros(s.shape, s.dtype)  # noqa: E731
+    deformable = {**params, **{k: jax.tree.map(zeros, shapes[k]) for k in added}}
+    halved = {k: {"w": v["w"] / 2} if k.startswith("resnet/layer4") and k.endswith("/conv2")
+              else v for k, v in params.items()}
+    expected, _ = jitted_apply("resnet50", 10, **plain)(halved, state, None, images,
+                                                        is_training=False)
+    got, _ = jitted_apply("resnet50", 10, deformable_stages=(4,), **plain)(
+        deformable, state, None, images, is_training=False)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert nets.model_info("resnet50").torch_name("layer4_0.conv2.conv_offset", {}) == \
+        "layer4.0.conv2.conv_offset"
