@@ -48,7 +48,7 @@ def multiply_adds(name: str, size: int) -> int:
         return y
 
     f = nets.transformed(name)
-    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    images = nets.convert.example_images(name, 1, size)  # a clip for video models
     with mock.patch.object(layers, "conv", counting_conv), \
             mock.patch.object(layers.Linear, "__call__", counting_linear):
         jax.eval_shape(functools.partial(f.init, is_training=False), jax.random.key(0), images)

@@ -9,6 +9,9 @@ implementations.
 Each step is forward, backward and an update at float32 on one batch: SGD with momentum, or
 with --agc the NFNet optimizer (AGC + weight decay + Nesterov SGD) for our models. A model
 name may end in ":remat" (rematerialised blocks) or ":unrolled" (NFNet blocks not scanned).
+Video models (P3D) get clips of their registered length at the same size. The MACs ratio is
+the model's multiply-adds per example over the first row's (convs and dense layers, counted
+while tracing: `bench.inference.multiply_adds`).
 The implementations are timed interleaved (one step of each, round after round) so that
 machine noise hits them alike; the table gives medians and ratios to the first row, the
 compile time of the step and XLA's memory estimate.
@@ -29,6 +32,7 @@ import optax
 
 import nets
 import optim
+from bench.inference import multiply_adds
 
 
 def _jax_step(f, images, labels, optimizer=None):
@@ -123,11 +127,15 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 1000, args.batch))
-    runs, compile_s, memory = {}, {}, {}
+    runs, compile_s, memory, macs = {}, {}, {}, {}
     for spec in args.models:
         name, f = _model(spec)
         optimizer = _nfnet_optimizer(name) if args.agc else None
-        runs[spec], compile_s[spec], memory[spec] = _jax_step(f, images, labels, optimizer)
+        example = nets.convert.example_images(name, args.batch, args.size)  # clips for video
+        inputs = images if example.shape == images.shape else jnp.asarray(
+            rng.normal(size=example.shape), jnp.float32)
+        runs[spec], compile_s[spec], memory[spec] = _jax_step(f, inputs, labels, optimizer)
+        macs[spec] = multiply_adds(name, args.size)
     if args.haiku_resnet50:
         key = "hk.nets.ResNet50"
         runs[key], compile_s[key], memory[key] = _jax_step(haiku_resnet50(1000), images, labels)
@@ -149,15 +157,16 @@ def main(argv=None):
     print(f"train step, batch {args.batch}, {args.size} px, float32, "
           f"{'SGD-AGC' if args.agc else 'SGD'}, {jax.devices()[0]}, "
           f"median of {args.rounds} interleaved rounds")
-    print("| implementation | step s (median) | step ratio | compile s | compile ratio "
-          "| XLA temp memory GiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| implementation | step s (median) | step ratio | MACs ratio | compile s "
+          "| compile ratio | XLA temp memory GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for key in runs:
         step = statistics.median(times[key]) if times[key] else float("nan")
         ratio = step / statistics.median(times[first]) if times[key] else float("nan")
         temp = (f"{memory[key].temp_size_in_bytes / 2**30:.2f}" if memory[key] is not None
                 else "-")
-        print(f"| {key} | {step:.3f} | {ratio:.2f} | {compile_s[key]:.1f} | "
+        mac_ratio = f"{macs[key] / macs[first]:.2f}" if key in macs and first in macs else "-"
+        print(f"| {key} | {step:.3f} | {ratio:.2f} | {mac_ratio} | {compile_s[key]:.1f} | "
               f"{compile_s[key] / compile_s[first]:.2f} | {temp} |")
 
 

@@ -170,9 +170,9 @@ def test_memory_efficient_gives_the_same_outputs_and_gradients_and_stores_less()
     _assert_trees_close(grads, plain_grads, atol=1e-6, rtol=1e-5)
 
     # What the backward pass keeps: the leaves of jax.vjp's function are its residuals. Without
-    # remat every dense layer stores (at least) its concatenated input for the BN backward and
-    # the ReLU'd copy for the conv's, a cost quadratic in the block depth; with remat the
-    # bottleneck keeps only its inputs, the block's maps, each stored once.
+    # remat every dense layer stores at least one copy of its concatenated input (for the BN
+    # and conv backward), a cost quadratic in the block depth; with remat the bottleneck keeps
+    # only its inputs, the block's maps, each stored once.
     def stored(**overrides):
         f = nets.transformed("densenet121", TINY_CLASSES, **TINY, **overrides)
 
@@ -186,7 +186,7 @@ def test_memory_efficient_gives_the_same_outputs_and_gradients_and_stores_less()
     concatenations, c, side = 0, TINY["num_init_features"], SIZE // 4
     for n in TINY["block_config"]:
         for _ in range(n):
-            concatenations += 2 * side * side * c
+            concatenations += images.shape[0] * side * side * c
             c += TINY["growth_rate"]
         c, side = c // 2, side // 2
     assert stored() - stored(memory_efficient=True) >= concatenations

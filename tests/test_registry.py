@@ -106,7 +106,12 @@ def test_logits_are_float32_under_bfloat16_compute():
                                          ("efficientnet_b0", "torchvision"),
                                          ("mobilenet_v2", "torchvision"),
                                          ("mobilenet_v3_small", "torchvision"),
-                                         ("shufflenet_v2_x1_0", "torchvision")])
+                                         ("shufflenet_v2_x1_0", "torchvision"),
+                                         ("resnest50d", "timm"),
+                                         ("skresnext50_32x4d", "timm"),
+                                         ("cbam_resnet50", "timm-constructed"),
+                                         ("cspresnext50", "timm"),
+                                         ("densenet121", "torchvision")])
 def test_multiply_adds_equal_the_reference_table(name, source, reference_counts):
     from bench.inference import multiply_adds
 
