@@ -8,7 +8,8 @@ implementations.
 
 Each step is forward, backward and an update at float32 on one batch: SGD with momentum, or
 with --agc the NFNet optimizer (AGC + weight decay + Nesterov SGD) for our models. A model
-name may end in ":remat" (rematerialised blocks) or ":unrolled" (NFNet blocks not scanned).
+name may end in ":remat" (rematerialised blocks), ":unrolled" (NFNet blocks not scanned) or
+":dcn" (ResNet family: deformable 3x3 convs in stage 4).
 Video models (P3D) get clips of their registered length at the same size. The MACs ratio is
 the model's multiply-adds per example over the first row's (convs and dense layers, counted
 while tracing: `bench.inference.multiply_adds`).
@@ -66,14 +67,16 @@ def _jax_step(f, images, labels, optimizer=None):
     return run, compile_s, memory
 
 
-MODEL_OPTIONS = {"": {}, "remat": {"remat": True}, "unrolled": {"scan_blocks": False}}
+MODEL_OPTIONS = {"": {}, "remat": {"remat": True}, "unrolled": {"scan_blocks": False},
+                 "dcn": {"deformable_stages": (4,)}}
 
 
 def _model(spec: str):
     name, _, option = spec.partition(":")
     if option not in MODEL_OPTIONS:
-        raise SystemExit(f"unknown model option {option!r} in {spec!r}; known: remat, unrolled")
-    return name, nets.transformed(name, **MODEL_OPTIONS[option])
+        raise SystemExit(f"unknown model option {option!r} in {spec!r}; known: "
+                         f"{', '.join(o for o in MODEL_OPTIONS if o)}")
+    return name, nets.transformed(name, **MODEL_OPTIONS[option]), MODEL_OPTIONS[option]
 
 
 def _nfnet_optimizer(name):
@@ -129,13 +132,13 @@ def main(argv=None):
     labels = jnp.asarray(rng.integers(0, 1000, args.batch))
     runs, compile_s, memory, macs = {}, {}, {}, {}
     for spec in args.models:
-        name, f = _model(spec)
+        name, f, options = _model(spec)
         optimizer = _nfnet_optimizer(name) if args.agc else None
         example = nets.convert.example_images(name, args.batch, args.size)  # clips for video
         inputs = images if example.shape == images.shape else jnp.asarray(
             rng.normal(size=example.shape), jnp.float32)
         runs[spec], compile_s[spec], memory[spec] = _jax_step(f, inputs, labels, optimizer)
-        macs[spec] = multiply_adds(name, args.size)
+        macs[spec] = multiply_adds(name, args.size, **options)
     if args.haiku_resnet50:
         key = "hk.nets.ResNet50"
         runs[key], compile_s[key], memory[key] = _jax_step(haiku_resnet50(1000), images, labels)

@@ -31,24 +31,6 @@ def _pooled(x, reduce=jnp.mean):
     return reduce(x, axis=(1, 2), keepdims=True)
 
 
-class ConvBN(hk.Module):
-    """Conv, BatchNorm and an optional ReLU under one name (timm's ConvNormAct: `conv`, `bn`)."""
-
-    def __init__(self, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-                 groups: int = 1, relu: bool = True, bn_decay: float = 0.9, bn_eps: float = 1e-5,
-                 name: str | None = None):
-        super().__init__(name=name)
-        self.out_channels, self.kernel_size, self.stride = out_channels, kernel_size, stride
-        self.dilation, self.groups, self.relu = dilation, groups, relu
-        self.bn_decay, self.bn_eps = bn_decay, bn_eps
-
-    def __call__(self, x, is_training: bool):
-        x = layers.Conv(self.out_channels, self.kernel_size, self.stride, dilation=self.dilation,
-                        groups=self.groups, name="conv")(x)
-        x = layers.BatchNorm(self.bn_decay, self.bn_eps, name="bn")(x, is_training)
-        return jax.nn.relu(x) if self.relu else x
-
-
 class Cbam(hk.Module):
     """CBAM: x * sigmoid(MLP(avgpool x) + MLP(maxpool x)), then
     x * sigmoid(BN(conv7x7([mean_c x, max_c x]))). The MLP is `channel/fc1`, `channel/fc2`
@@ -175,9 +157,10 @@ class SelectiveKernelConv(hk.Module):
                              f"into {n} paths")
         inputs = jnp.split(x, n, axis=-1) if self.split_input else [x] * n
         paths = jnp.stack([
-            ConvBN(self.out_channels, 3, self.stride, dilation=self.dilation * (k - 1) // 2,
-                   groups=self.groups, bn_decay=self.bn_decay, bn_eps=self.bn_eps,
-                   name=f"paths_{i}")(xi, is_training)
+            layers.ConvBN(self.out_channels, 3, self.stride,
+                          dilation=self.dilation * (k - 1) // 2, groups=self.groups,
+                          bn_decay=self.bn_decay, bn_eps=self.bn_eps,
+                          name=f"paths_{i}")(xi, is_training)
             for i, (k, xi) in enumerate(zip(self.kernels, inputs))], axis=-2)
         with hk.name_scope("attn"):
             s = layers.Conv(self.attn_channels, 1, name="fc_reduce")(_pooled(paths.sum(-2)))

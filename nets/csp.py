@@ -59,23 +59,13 @@ STAGE_KINDS = ("cross", "dark")
 BLOCKS = ("bottleneck", "dark")
 
 
-class ConvBnAct(hk.Module):
-    """timm's ConvNormAct: conv (no bias, PyTorch padding) -> BatchNorm -> optional activation."""
-
-    def __init__(self, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 act: bool = True, zero_init: bool = False, *, opts: Mapping[str, Any],
-                 name: str):
-        super().__init__(name=name)
-        self.out_channels, self.kernel_size = out_channels, kernel_size
-        self.stride, self.groups = stride, groups
-        self.act, self.zero_init, self.opts = act, zero_init, opts
-
-    def __call__(self, x, is_training):
-        x = layers.Conv(self.out_channels, self.kernel_size, self.stride, groups=self.groups,
-                        name="conv")(x)
-        x = layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"],
-                             zero_init=self.zero_init, name="bn")(x, is_training)
-        return layers.activation(self.opts["activation"])(x) if self.act else x
+def conv_bn_act(out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                act: bool = True, zero_init: bool = False, *, opts: Mapping[str, Any],
+                name: str) -> layers.ConvBN:
+    """timm's ConvNormAct with the network's activation and BatchNorm constants."""
+    return layers.ConvBN(out_channels, kernel_size, stride, groups=groups,
+                         activation=opts["activation"] if act else None, zero_init=zero_init,
+                         bn_decay=opts["bn_decay"], bn_eps=opts["bn_eps"], name=name)
 
 
 class Block(hk.Module):
@@ -91,14 +81,14 @@ class Block(hk.Module):
     def __call__(self, x, is_training):
         opts, zero = self.opts, self.opts["zero_init_last"]
         if opts["block"] == "bottleneck":
-            out = ConvBnAct(self.inner, 1, opts=opts, name="conv1")(x, is_training)
-            out = ConvBnAct(self.inner, 3, groups=self.groups, opts=opts,
+            out = conv_bn_act(self.inner, 1, opts=opts, name="conv1")(x, is_training)
+            out = conv_bn_act(self.inner, 3, groups=self.groups, opts=opts,
                             name="conv2")(out, is_training)
-            out = ConvBnAct(self.out_channels, 1, act=False, zero_init=zero, opts=opts,
+            out = conv_bn_act(self.out_channels, 1, act=False, zero_init=zero, opts=opts,
                             name="conv3")(out, is_training)
         else:
-            out = ConvBnAct(self.inner, 1, opts=opts, name="conv1")(x, is_training)
-            out = ConvBnAct(self.out_channels, 3, groups=self.groups, zero_init=zero,
+            out = conv_bn_act(self.inner, 1, opts=opts, name="conv1")(x, is_training)
+            out = conv_bn_act(self.out_channels, 3, groups=self.groups, zero_init=zero,
                             opts=opts, name="conv2")(out, is_training)
         out = layers.stochastic_depth(out, self.stochastic_depth_rate, is_training) + x
         if opts["block"] == "bottleneck":
@@ -132,24 +122,24 @@ class Stage(hk.Module):
     def __call__(self, x, is_training):
         cfg, opts = self.cfg, self.opts
         if cfg["stage_kind"] == "dark":
-            x = ConvBnAct(self.width, 3, self.stride, cfg["groups"], opts=opts,
+            x = conv_bn_act(self.width, 3, self.stride, cfg["groups"], opts=opts,
                           name="conv_down")(x, is_training)
             return self._blocks(x, is_training)
         if self.stride != 1:
             down = self.width if cfg["down_growth"] else x.shape[-1]
-            x = ConvBnAct(down, 3, self.stride, cfg["groups"], opts=opts,
+            x = conv_bn_act(down, 3, self.stride, cfg["groups"], opts=opts,
                           name="conv_down")(x, is_training)
         expanded = int(round(self.width * cfg["expand_ratio"]))
         if expanded % 2:
             raise ValueError(f"{self.module_name}: the expansion conv's {expanded} channels "
                              "do not split into two halves")
-        x = ConvBnAct(expanded, 1, act=not cfg["cross_linear"], opts=opts,
+        x = conv_bn_act(expanded, 1, act=not cfg["cross_linear"], opts=opts,
                       name="conv_exp")(x, is_training)
         cross, x = jnp.split(x, 2, axis=-1)
         x = self._blocks(x, is_training)
-        x = ConvBnAct(expanded // 2, 1, opts=opts, name="conv_transition_b")(x, is_training)
+        x = conv_bn_act(expanded // 2, 1, opts=opts, name="conv_transition_b")(x, is_training)
         x = jnp.concatenate([cross, x], axis=-1)
-        return ConvBnAct(self.width, 1, opts=opts, name="conv_transition")(x, is_training)
+        return conv_bn_act(self.width, 1, opts=opts, name="conv_transition")(x, is_training)
 
 
 _PER_STAGE = ("strides", "groups", "expand_ratio", "bottle_ratio", "block_ratio", "cross_linear",
@@ -229,7 +219,7 @@ class CSPNet(hk.Module):
         """(stride, output) of every stage, in order."""
         layers.check_images(images, self.module_name, self.in_channels)
         stem = self.stem
-        x = ConvBnAct(stem["width"], stem["kernel"], stem["stride"], opts=self.opts,
+        x = conv_bn_act(stem["width"], stem["kernel"], stem["stride"], opts=self.opts,
                       name="stem_conv1")(images, is_training)
         stride = stem["stride"]
         if stem["pool"]:

@@ -332,6 +332,28 @@ def torch_linear_init(fan_in: int):
     return hk.initializers.RandomUniform(-bound, bound)
 
 
+class ConvBN(hk.Module):
+    """Conv (no bias), BatchNorm and an optional activation under one name, with submodules
+    `conv` and `bn` (timm's ConvNormAct). `zero_init` starts the BN scale at zero (the last BN
+    of a residual branch)."""
+
+    def __init__(self, out_channels: int, kernel_size: int | Sequence[int], stride=1,
+                 dilation=1, groups: int = 1, activation: str | None = "relu",
+                 zero_init: bool = False, bn_decay: float = 0.9, bn_eps: float = 1e-5,
+                 name: str | None = None):
+        super().__init__(name=name)
+        self.out_channels, self.kernel_size, self.stride = out_channels, kernel_size, stride
+        self.dilation, self.groups, self.activation = dilation, groups, activation
+        self.zero_init, self.bn_decay, self.bn_eps = zero_init, bn_decay, bn_eps
+
+    def __call__(self, x, is_training: bool):
+        x = Conv(self.out_channels, self.kernel_size, self.stride, dilation=self.dilation,
+                 groups=self.groups, name="conv")(x)
+        x = BatchNorm(self.bn_decay, self.bn_eps, zero_init=self.zero_init, name="bn")(
+            x, is_training)
+        return activation(self.activation)(x) if self.activation else x
+
+
 class Linear(hk.Module):
     """Dense layer with float32 parameters `w` (C_in, C_out) and `b`, computing in the input's
     dtype. Default init is PyTorch's nn.Linear (the classifier init of torchvision and timm)."""
