@@ -24,3 +24,42 @@ def jitted_apply(name: str, num_classes: int = 1000, features: bool = False, **o
 
 def random_images(batch=2, size=64, channels=3, seed=0):
     return np.random.RandomState(seed).randn(batch, size, size, channels).astype(np.float32)
+
+
+def random_variables(f, example, seed=1):
+    """Random (params, state) of the shapes `f.init` gives, without compiling `f.init` (XLA:CPU
+    compiles random initialisers far more slowly than the forward): fan-in scaled weights, BN
+    scales, offsets and running statistics away from the identity, so eval-mode BN acts."""
+    shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), example)
+    rng = np.random.RandomState(seed)
+
+    def draw(path, s):
+        leaf = path[-1].key
+        if leaf == "w":
+            return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        if leaf in ("scale", "var"):
+            return rng.rand(*s.shape) * 0.5 + 0.5
+        return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
+
+    return jax.tree.map(lambda v: np.asarray(v, np.float32),
+                        jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+def assert_counts_equal_the_registry(name):
+    """Parameters with and without the head and BN statistic elements (per-channel vectors),
+    counted without compiling, equal the registry's reference figures."""
+    info = nets.model_info(name)
+    params, state = nets.convert.shapes(name, 1000)
+    no_head, _ = nets.convert.shapes(name, 0)
+    assert (count(params), count(no_head), count(state)) == (
+        info.reference_params, info.reference_params_no_head, info.reference_bn_stat_elems)
+    assert {leaf.ndim for leaf in jax.tree.leaves(state)} <= {1}
+
+
+def assert_registry_figures_are_the_tables(name, reference_counts):
+    """The registry's figures are ../shared/reference/params.json's row of its reference."""
+    info = nets.model_info(name)
+    row = reference_counts[tuple(info.reference.split(":"))]
+    assert (info.reference_params, info.reference_params_no_head,
+            info.reference_bn_stat_elems) == (row["params_with_head"], row["params_no_head"],
+                                              row["bn_stat_elems"])

@@ -11,7 +11,8 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import count, jitted_apply, random_images
+from tests.helpers import (assert_counts_equal_the_registry, assert_registry_figures_are_the_tables,
+                           jitted_apply, random_images)
 
 DENSENETS = nets.list_models("densenet*")
 SIZE = 64  # every block still sees a >= 2x2 map
@@ -43,21 +44,12 @@ def test_the_registered_variants():
 
 @pytest.mark.parametrize("name", DENSENETS)
 def test_parameter_and_bn_statistic_counts_equal_torchvision(name):
-    info = nets.model_info(name)
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
-    assert count(params) == info.reference_params
-    assert count(no_head) == info.reference_params_no_head
-    assert count(state) == info.reference_bn_stat_elems
+    assert_counts_equal_the_registry(name)
 
 
 @pytest.mark.parametrize("name", DENSENETS)
 def test_registry_counts_are_those_of_the_shared_reference_table(name, reference_counts):
-    info = nets.model_info(name)
-    row = reference_counts[tuple(info.reference.split(":"))]
-    assert (info.reference_params, info.reference_params_no_head,
-            info.reference_bn_stat_elems) == (row["params_with_head"], row["params_no_head"],
-                                              row["bn_stat_elems"])
+    assert_registry_figures_are_the_tables(name, reference_counts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 import nets
 from nets import p3d
-from tests.helpers import count, jitted_apply
+from tests.helpers import count, jitted_apply, random_variables
 
 STAGES = {"p3d_resnet199": (3, 8, 36, 3), "p3d_resnet50": (3, 4, 6, 3)}
 # A cheap network whose six pseudo-3D blocks cross both 3-D stage boundaries.
@@ -20,25 +20,6 @@ SMALL = dict(layers=(2, 2, 2, 1))
 
 def _clip(frames=16, size=32, batch=1, seed=0):
     return np.random.RandomState(seed).randn(batch, frames, size, size, 3).astype(np.float32)
-
-
-def _random_variables(f, clip, seed=1):
-    """Random (params, state) of the shapes f.init gives, without compiling f.init (slow for
-    3-D nets on XLA:CPU): fan-in scaled weights, and BN scales, offsets and running statistics
-    away from the identity so that every BN acts in eval mode."""
-    shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
-    rng = np.random.RandomState(seed)
-
-    def draw(path, s):
-        leaf = path[-1].key
-        if leaf == "w":
-            return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        if leaf in ("scale", "var"):
-            return rng.rand(*s.shape) * 0.5 + 0.5
-        return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
-
-    return jax.tree.map(lambda v: np.asarray(v, np.float32),
-                        jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 def _hand_counts(stage_blocks, num_classes):
@@ -108,7 +89,7 @@ def _recorded(definition):
 
     f = hk.transform_with_state(lambda clip, is_training: forward(clip))
     clip = _clip()
-    params, state = _random_variables(f, clip)
+    params, state = random_variables(f, clip)
     (logits, records), _ = jax.jit(f.apply, static_argnames="is_training")(
         params, state, None, clip, is_training=False)
     return logits, jax.tree.map(np.asarray, records)
@@ -184,7 +165,7 @@ def test_clip_lengths_that_pool_to_one_frame(definition, frames):
 def test_forward_on_a_small_clip_gives_finite_logits():
     name = "p3d_resnet50"
     clip = _clip()
-    params, state = _random_variables(nets.transformed(name, 400), clip)
+    params, state = random_variables(nets.transformed(name, 400), clip)
     logits, _ = jitted_apply(name, 400)(params, state, None, clip, is_training=False)
     assert logits.shape == (1, 400) and np.all(np.isfinite(logits))
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import nets
-from tests.helpers import count, jitted_apply, random_images
+from tests.helpers import (assert_counts_equal_the_registry, assert_registry_figures_are_the_tables,
+                           count, jitted_apply, random_images)
 
 RESNETS = [n for n in nets.list_models() if nets.model_info(n).family == "resnet"]
 WITH_REFERENCE = [n for n in RESNETS if nets.model_info(n).reference_params is not None]
@@ -14,23 +15,12 @@ WITH_REFERENCE = [n for n in RESNETS if nets.model_info(n).reference_params is n
 
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_parameter_and_bn_statistic_counts_equal_the_reference(name):
-    info = nets.model_info(name)
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
-    assert count(params) == info.reference_params
-    assert count(no_head) == info.reference_params_no_head
-    assert count(state) == info.reference_bn_stat_elems
-    assert set(jax.tree.leaves(jax.tree.map(lambda s: s.ndim, state))) == {1}
+    assert_counts_equal_the_registry(name)
 
 
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_registry_counts_are_those_of_the_shared_reference_table(name, reference_counts):
-    info = nets.model_info(name)
-    source, ref_name = info.reference.split(":")
-    row = reference_counts[(source, ref_name)]
-    assert (info.reference_params, info.reference_params_no_head,
-            info.reference_bn_stat_elems) == (row["params_with_head"], row["params_no_head"],
-                                              row["bn_stat_elems"])
+    assert_registry_figures_are_the_tables(name, reference_counts)
 
 
 def _bottleneck_resnet_count(layers, groups, width_per_group, num_classes=1000):

@@ -9,29 +9,10 @@ import pytest
 
 import nets
 from nets import shake_shake as ss
-from tests.helpers import count, jitted_apply, random_images
+from tests.helpers import count, jitted_apply, random_images, random_variables
 
 # A cheap network with one block per stage (depth 6 * 1 + 2).
 SMALL = dict(depth=8)
-
-
-def _random_variables(f, images, seed=1):
-    """Random (params, state) of the shapes f.init gives, without compiling f.init (which
-    XLA:CPU compiles far more slowly than the forward): fan-in scaled weights, BN scales,
-    offsets and running statistics away from the identity."""
-    shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), images)
-    rng = np.random.RandomState(seed)
-
-    def draw(path, s):
-        leaf = path[-1].key
-        if leaf == "w":
-            return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        if leaf in ("scale", "var"):
-            return rng.rand(*s.shape) * 0.5 + 0.5
-        return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
-
-    return jax.tree.map(lambda v: np.asarray(v, np.float32),
-                        jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 def test_forward_uses_alpha_and_backward_uses_beta():
@@ -152,7 +133,7 @@ def test_downsampling_shortcut_concatenates_a_plain_and_a_shifted_path():
 
     f = hk.transform_with_state(lambda images, is_training: forward(images))
     images = random_images(1, 8)
-    params, state = _random_variables(f, images)
+    params, state = random_variables(f, images)
     seen, _ = jax.jit(f.apply, static_argnames="is_training")(params, state, None, images,
                                                               is_training=False)
     h = np.maximum(np.asarray(seen["layer2_0"]), 0)  # the shortcut reads ReLU(x)
@@ -168,7 +149,7 @@ def test_downsampling_shortcut_concatenates_a_plain_and_a_shifted_path():
 
 def test_training_shakes_and_eval_is_deterministic_at_one_half():
     images = random_images(2, 32)
-    params, state = _random_variables(nets.transformed("shake_shake_26_2x32d", 10, **SMALL),
+    params, state = random_variables(nets.transformed("shake_shake_26_2x32d", 10, **SMALL),
                                       images)
     shake = jitted_apply("shake_shake_26_2x32d", 10, **SMALL)
     even = jitted_apply("shake_shake_26_2x32d", 10, mode="even_even", **SMALL)
@@ -186,7 +167,7 @@ def test_training_shakes_and_eval_is_deterministic_at_one_half():
 def test_forward_on_cifar_images_and_features():
     name = "shake_shake_26_2x32d"
     images = random_images(2, 32)
-    params, state = _random_variables(nets.transformed(name, 10), images)
+    params, state = random_variables(nets.transformed(name, 10), images)
     logits, _ = jitted_apply(name, 10)(params, state, jax.random.key(1), images,
                                        is_training=True)
     assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
