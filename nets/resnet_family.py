@@ -232,8 +232,12 @@ class ResNet(hk.Module):
                 raise ValueError(f"{option} are 1-based stage numbers (1-4), got {stages!r}")
         if radix < 1:
             raise ValueError(f"radix must be >= 1, got {radix}")
-        if selective_kernel and (radix > 1 or split_attention):
-            raise ValueError("a 3x3 conv is either selective-kernel or split-attention, not both")
+        kinds = [k for k, on in (("selective-kernel", selective_kernel),
+                                 ("split-attention", radix > 1 or split_attention),
+                                 ("deformable", bool(deformable_stages))) if on]
+        if len(kinds) > 1:
+            raise ValueError(f"the 3x3 conv can be one of selective-kernel, split-attention or "
+                             f"deformable; got {' and '.join(kinds)}")
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs one flag for each of stages 2-4")
         self.layers, self.block = tuple(layers), block

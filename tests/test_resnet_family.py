@@ -123,7 +123,8 @@ def test_bad_option_values_are_rejected():
                        (dict(attention="nonlocal"), "attention must be one of"),
                        (dict(attention_stages=(0, 1)), "1-based stage numbers"),
                        (dict(radix=0), "radix must be"),
-                       (dict(selective_kernel=True, radix=2), "either selective-kernel"),
+                       (dict(selective_kernel=True, radix=2), "one of selective-kernel"),
+                       (dict(radix=2, deformable_stages=(4,)), "split-attention and deform"),
                        (dict(replace_stride_with_dilation=(True,)), "one flag")]:
         with pytest.raises(ValueError, match=match):
             nets.transformed("resnet50", **bad).init(jax.random.key(0), images,
