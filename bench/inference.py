@@ -15,48 +15,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import statistics
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import nets
-from nets import deformable, layers
+from tools.summary import summary, totals
 
 
 def multiply_adds(name: str, size: int, **overrides) -> int:
-    """Multiply-adds of one image through the model's convs and dense layers, counted while
-    tracing (nothing runs): each conv adds out_pixels * k * k * C_in / groups * C_out (deformable
-    convs likewise, their bilinear sampling not counted)."""
-    total = 0
-    conv, linear, deform = layers.conv, layers.Linear.__call__, deformable.deform_conv
-
-    def counting(conv):
-        def counted(x, w, *args, **kwargs):
-            nonlocal total
-            y = conv(x, w, *args, **kwargs)
-            total += math.prod(y.shape[1:]) * math.prod(w.shape[:-1])
-            return y
-        return counted
-
-    def counting_linear(self, x):
-        nonlocal total
-        y = linear(self, x)
-        total += x.shape[-1] * y.shape[-1]
-        return y
-
-    f = nets.transformed(name, **overrides)
-    images = nets.convert.example_images(name, 1, size)  # a clip for video models
-    with mock.patch.object(layers, "conv", counting(conv)), \
-            mock.patch.object(deformable, "deform_conv", counting(deform)), \
-            mock.patch.object(layers.Linear, "__call__", counting_linear):
-        jax.eval_shape(functools.partial(f.init, is_training=False), jax.random.key(0), images)
-    return total
+    """Multiply-adds of one image (one clip for video models) through the model's convs, dense
+    layers and deformable convs, counted while tracing (nothing runs): `tools.summary`'s total,
+    every block of a layer stack included."""
+    return totals(summary(name, size, **overrides))[1]
 
 
 def _forward(name: str, images, lowering: str):

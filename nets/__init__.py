@@ -114,7 +114,8 @@ def stacked_axes(name: str, params):
             for module, leaves in params.items()}
 
 
-from nets import convert  # noqa: E402  (convert needs the registry above)
+from nets import convert, weights  # noqa: E402  (they need the registry above)
 
 __all__ = ["ModelInfo", "Preprocessing", "convert", "create", "layers", "list_models",
-           "model_info", "param_roles", "stacked_axes", "transformed", "transformed_features"]
+           "model_info", "param_roles", "stacked_axes", "transformed", "transformed_features",
+           "weights"]

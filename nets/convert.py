@@ -128,15 +128,23 @@ def _convert(name, tensors, key_fn, layout_fn, num_classes, overrides, what):
     params, state = convert(params_shape), convert(state_shape)
     unexpected = sorted(set(tensors) - used)
     if missing or mismatched or unexpected:
-        lines = [f"cannot convert this {what} into {name} (num_classes={num_classes}):"]
-        for title, items in (("missing", missing), ("shape mismatch", mismatched),
-                             ("unexpected", unexpected)):
-            if items:
-                shown = "; ".join(items[:10]) + (f"; ... {len(items) - 10} more"
-                                                 if len(items) > 10 else "")
-                lines.append(f"  {title} ({len(items)}): {shown}")
-        raise ValueError("\n".join(lines))
+        raise ValueError(mismatch_report(
+            f"cannot convert this {what} into {name} (num_classes={num_classes}):",
+            missing=missing, mismatched=mismatched, unexpected=unexpected))
     return params, state
+
+
+def mismatch_report(header: str, *, missing=(), mismatched=(), unexpected=()) -> str:
+    """One message for names that do not fit: the header, then per kind its count and first 10
+    (a whole list can be thousands of names, which hides the few that matter)."""
+    lines = [header]
+    for title, items in (("missing", missing), ("shape mismatch", mismatched),
+                         ("unexpected", unexpected)):
+        if items:
+            shown = "; ".join(items[:10]) + (f"; ... {len(items) - 10} more"
+                                             if len(items) > 10 else "")
+            lines.append(f"  {title} ({len(items)}): {shown}")
+    return "\n".join(lines)
 
 
 def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,

@@ -1,0 +1,262 @@
+"""Published weights: one `.safetensors` file per model, loadable offline, never pickled.
+
+    nets.weights.save("resnet50.safetensors", params, state, model="resnet50")
+    params, state = nets.weights.load("resnet50.safetensors")       # model from the file
+    found = nets.weights.load("resnet50.safetensors", num_classes=10, strict=False)  # new head
+
+A file holds every leaf of `params` under "params/<Haiku module path>/<leaf>" and of `state`
+under "state/<module path>/<leaf>" (the module paths are the keys of the trees Haiku gives,
+"resnet/layer1_0/conv1"), floating leaves as float32. Its string metadata names the model, its
+num_classes and overrides (JSON), the preprocessing it is evaluated with, and the format version,
+so that a file alone says how to rebuild and feed its model. The tree a model expects comes from
+`nets.convert.shapes` (jax.eval_shape: nothing is compiled or computed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+from nets.convert import mismatch_report, shapes
+
+FORMAT = "convnets.weights"
+FORMAT_VERSION = "1"
+_COLLECTIONS = ("params", "state")
+
+
+class LoadResult(NamedTuple):
+    """What `load(..., strict=False)` found: the leaves present in both the file and the model
+    (as partial trees), and the names ("params/<module>/<leaf>") of the model's leaves the file
+    lacks (`missing`) and of the file's tensors the model has no place for (`unexpected`)."""
+
+    params: dict
+    state: dict
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _flatten(collection: str, tree) -> dict[str, Any]:
+    return {f"{collection}/{module}/{leaf}": value
+            for module, leaves in tree.items() for leaf, value in leaves.items()}
+
+
+def _num_classes_of(name: str, params, overrides) -> int:
+    """The width of the head in `params`: the head is the module that num_classes=1 has and
+    num_classes=0 has not (the registry does not say which axis of which leaf it is)."""
+    with_head, _ = shapes(name, 1, **overrides)
+    without, _ = shapes(name, 0, **overrides)
+    for module, leaves in with_head.items():
+        if module not in without and "w" in leaves:
+            weight = params.get(module, {}).get("w")
+            return 0 if weight is None else int(np.shape(weight)[-1])
+    return 0
+
+
+def _to_array(value) -> np.ndarray:
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
+        return value
+    # bf16 leaves (numpy sees ml_dtypes' kind "V") and other floats: float32 holds them exactly.
+    return value.astype(np.float32)
+
+
+def save(path, params, state, *, model: str, num_classes: int | None = None,
+         overrides: dict | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Writes `params` and `state` of `model` (a registered name) to one .safetensors file.
+
+    num_classes defaults to the head's width in `params` (0 without a head). `overrides` are the
+    options the model was built with (as for `nets.transformed`); they must be JSON-serialisable.
+    `metadata` adds string entries (e.g. the recipe, the accuracy). The trees are checked against
+    the model first, so a file that `load` would refuse is never written.
+    """
+    overrides = dict(overrides or {})
+    info = nets.model_info(model)
+    if num_classes is None:
+        num_classes = _num_classes_of(model, params, overrides)
+    _check_against_model(model, num_classes, overrides,
+                         {**_flatten("params", params), **_flatten("state", state)}, strict=True,
+                         header=f"these trees are not {model}'s (num_classes={num_classes}, "
+                                f"overrides={overrides}); nothing was written:")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model,
+        "num_classes": str(num_classes), "overrides": json.dumps(overrides, sort_keys=True),
+        "reference": info.reference,
+        "preprocessing": json.dumps({**dataclasses.asdict(info.preprocessing),
+                                     "train_size": info.train_size,
+                                     "test_size": info.test_size}),
+    })
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(_to_array(v))
+               for k, v in {**_flatten("params", params), **_flatten("state", state)}.items()}
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def is_weights_file(path) -> bool:
+    """Whether `path` is a .safetensors file written by `save` (not, e.g., a PyTorch one)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="np") as f:
+        return (f.metadata() or {}).get("format") == FORMAT
+
+
+def read_metadata(path) -> dict[str, Any]:
+    """The file's metadata, decoded: model, num_classes (int), overrides and preprocessing
+    (dicts), format_version and any entries `save` was given. A .safetensors file that this
+    module did not write (e.g. a PyTorch state dict) is refused with the command that converts it.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no weights file at {path}")
+    with safe_open(path, framework="np") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} was not written by nets.weights.save (its metadata has no "
+            f"format={FORMAT!r}). A PyTorch state dict in safetensors converts with: python -m "
+            "tools.convert --from torch SRC --model NAME --out OUT.safetensors")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta['format_version']}; this code reads "
+                         f"version {FORMAT_VERSION}.")
+    meta["num_classes"] = int(meta["num_classes"])
+    meta["overrides"] = json.loads(meta["overrides"])
+    meta["preprocessing"] = json.loads(meta["preprocessing"])
+    return meta
+
+
+def _check_against_model(name, num_classes, overrides, found, *, strict, header):
+    """(the model's flat tree of ShapeDtypeStructs, missing, unexpected) for `found`, a flat
+    {"params/<module>/<leaf>": array} dict; raises for shape mismatches always and, when
+    strict, for missing or unexpected names too."""
+    expected_params, expected_state = shapes(name, num_classes, **overrides)
+    expected = {**_flatten("params", expected_params), **_flatten("state", expected_state)}
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    mismatched = [f"{k}: file {tuple(np.shape(found[k]))} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in found and np.shape(found[k]) != expected[k].shape]
+    if mismatched or (strict and (missing or unexpected)):
+        raise ValueError(mismatch_report(
+            header, missing=missing if strict else (), mismatched=mismatched,
+            unexpected=unexpected if strict else ()))
+    return expected, missing, unexpected
+
+
+def load(path, name: str | None = None, num_classes: int | None = None, strict: bool = True,
+         **overrides):
+    """Reads a file `save` wrote, for the model `name` (default: the file's model).
+
+    num_classes defaults to the file's; overrides to the file's, updated by those given (for
+    another model than the file's, only those given). Returns `(params, state)` as trees of
+    float32 jax arrays shaped like `f.init`'s. Strict: every leaf of the model must be in the
+    file and every tensor of the file must be a leaf of the model, or one ValueError lists the
+    missing, mismatched and unexpected names (and names both models when they differ).
+
+    strict=False (like torch's `load_state_dict(strict=False)`) returns a `LoadResult`: only the
+    leaves found, plus `missing` and `unexpected` names; nothing is initialised here. The caller
+    merges the found leaves over a fresh init, e.g. to fine-tune with a new head:
+
+        found = nets.weights.load(path, num_classes=10, strict=False)  # file without its head
+        params = {m: {**leaves, **found.params.get(m, {})} for m, leaves in init_params.items()}
+
+    A shape mismatch (e.g. a 1000-class head loaded for num_classes=10) is an error in both
+    modes, as in torch: drop the head from the file's trees, or save them without it.
+    """
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(path)
+    name = name or meta["model"]
+    if name == meta["model"]:
+        overrides = {**meta["overrides"], **overrides}
+    if num_classes is None:
+        num_classes = meta["num_classes"]
+    tensors = load_file(os.fspath(path))
+    model = f"{name} (num_classes={num_classes}" + "".join(
+        f", {k}={v!r}" for k, v in sorted(overrides.items())) + ")"
+    saved = f"{meta['model']} (num_classes={meta['num_classes']}" + "".join(
+        f", {k}={v!r}" for k, v in sorted(meta["overrides"].items())) + ")"
+    header = (f"{path} holds {saved}, not {model}:" if saved != model
+              else f"{path} does not fit {model}:")
+    expected, missing, unexpected = _check_against_model(
+        name, num_classes, overrides, tensors, strict=strict, header=header)
+
+    def tree(collection):
+        out: dict[str, dict[str, jax.Array]] = {}
+        for key, spec in expected.items():
+            if key.startswith(collection + "/") and key in tensors:
+                module, leaf = key[len(collection) + 1:].rsplit("/", 1)
+                out.setdefault(module, {})[leaf] = jnp.asarray(tensors[key], dtype=spec.dtype)
+        return out
+
+    params, state = (tree(c) for c in _COLLECTIONS)
+    if strict:
+        return params, state
+    return LoadResult(params, state, missing, unexpected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (training/checkpoint.py: orbax, items "state", "data", "meta").
+
+
+def _checkpoint_dir(path) -> tuple[str, int | None]:
+    """(the orbax checkpoints directory, the step) for a workdir, its checkpoints directory or
+    one step's directory."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, None
+
+
+def from_checkpoint(path, *, step: int | None = None, ema: bool = False):
+    """`(name, params, state)` of a training run: `path` is its workdir, its checkpoints
+    directory or one step's directory; the newest step unless `step` says (or the path names
+    one). ema=True takes the EMA parameters and statistics (the ones the NFNet paper reports).
+    The run's num_classes and overrides are in `checkpoint_model(path)`."""
+    import orbax.checkpoint as ocp
+
+    directory, path_step = _checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    step = step if step is not None else path_step
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    manager.close()
+    train_state, signature = restored["state"], restored["meta"]["signature"]
+    prefix = "ema_" if ema else ""
+    if ema and train_state.get("ema_params") is None:
+        raise ValueError(f"the checkpoint at step {step} in {directory} keeps no EMA "
+                         "(the run's config had none); use ema=False.")
+    to_tree = lambda t: {m: {k: jnp.asarray(v) for k, v in leaves.items()}
+                         for m, leaves in t.items()}
+    return (signature["model"], to_tree(train_state[prefix + "params"]),
+            to_tree(train_state[prefix + "model_state"]))
+
+
+def checkpoint_model(path, *, step: int | None = None) -> dict[str, Any]:
+    """What a training checkpoint was built as: {"model", "num_classes", "overrides", "step"}."""
+    import orbax.checkpoint as ocp
+
+    directory, path_step = _checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, item_names=("meta",))
+    step = step if step is not None else path_step
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    signature = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]["signature"]
+    manager.close()
+    return {"model": signature["model"], "num_classes": signature["num_classes"],
+            "overrides": signature["model_kwargs"], "step": step}

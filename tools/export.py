@@ -1,0 +1,125 @@
+"""Export a model's eval-mode forward as a serialized StableHLO artifact (`jax.export`).
+
+    python -m tools.export resnet50 --out resnet50.jaxexport [--weights resnet50.pth]
+
+    from tools.export import export, load
+    blob = export("resnet50", params, state)          # bytes
+    logits = load(blob)(images)                         # needs only jax to run
+
+The artifact takes float32 images [b, size, size, C] (NHWC, already normalised; [b, T, size,
+size, C] clips for video models) for any batch b, and returns float32 logits. The weights and
+BatchNorm statistics are baked into it as constants, so it is self-contained: the loader needs
+neither this package nor Haiku. The spatial size is fixed at export (`size`, default the
+variant's test size).
+
+The conv lowering is chosen when the model is traced (`nets.layers.default_lowering`), i.e. for
+the exporting machine's backend; set NETS_CONV_LOWERING=native when exporting on a CPU for an
+accelerator (outputs are the same either way, only the speed differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nets
+
+
+def load_variables(name: str, weights: str | None = None, num_classes: int | None = None,
+                   seed: int = 0, **overrides):
+    """(params, state) of the variant: from a `nets.weights` file (`tools.convert`'s output, or
+    `nets.weights.save`), from a PyTorch state dict of its reference (.pth / .pt / .bin, read
+    with `torch.load(weights_only=True)`, or a PyTorch .safetensors) converted by
+    `nets.convert.from_torch`, or a random init from `seed` without `weights`."""
+    if weights is None:
+        f = nets.transformed(name, 1000 if num_classes is None else num_classes, **overrides)
+        images = nets.convert.example_images(name, 1, 64, **overrides)  # params: any size
+        init = jax.jit(f.init, static_argnames="is_training")
+        return init(jax.random.key(seed), jnp.zeros(images.shape, images.dtype),
+                    is_training=True)
+    if not os.path.exists(weights):
+        raise ValueError(f"weights file {weights!r} does not exist")
+    if weights.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        if nets.weights.is_weights_file(weights):
+            return nets.weights.load(weights, name, num_classes, **overrides)
+
+        state_dict = load_file(weights)
+    elif weights.endswith((".pth", ".pt", ".bin")):
+        import torch
+
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        state_dict = state_dict.get("state_dict", state_dict)
+    else:
+        raise ValueError(f"weights must be a PyTorch state dict (.pth, .pt, .bin) or "
+                         f".safetensors file, got {weights!r}")
+    return nets.convert.from_torch(name, state_dict, num_classes, **overrides)
+
+
+def _num_classes(params, name: str) -> int:
+    head = [k for k in params if nets.registry.module_path(k) == nets.model_info(name).classifier]
+    return int(params[head[0]]["w"].shape[-1]) if head else 0
+
+
+def export(name: str, params, state, num_classes: int | None = None, size: int | None = None,
+           platforms: tuple[str, ...] | None = None, **overrides) -> bytes:
+    """The serialized eval forward of `name` with these variables baked in. `num_classes`
+    defaults to the head's size in `params` (0, pooled features, when there is no head);
+    `platforms` (e.g. ("cpu", "cuda")) defaults to the current backend."""
+    info = nets.model_info(name)
+    if num_classes is None:
+        num_classes = _num_classes(params, name)
+    if size is not None and size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    f = nets.transformed(name, num_classes, **overrides)
+    example = nets.convert.example_images(name, 1, size or info.test_size, **overrides)
+    params, state = jax.tree.map(jnp.asarray, (params, state))
+
+    def forward(images):
+        # Closed over, the variables become constants of the exported module.
+        logits, _ = f.apply(params, state, None, images, is_training=False)
+        return logits.astype(jnp.float32)
+
+    batch, = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, *example.shape[1:]), jnp.float32)
+    exported = jax.export.export(jax.jit(forward), platforms=platforms)(spec)
+    return bytes(exported.serialize())
+
+
+def load(blob: bytes):
+    """A callable images -> logits from `export`'s bytes (needs only jax)."""
+    exported = jax.export.deserialize(bytearray(blob))
+    return exported.call
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name")
+    parser.add_argument("--out", required=True, help="the artifact's path (.jaxexport)")
+    parser.add_argument("--weights", default=None,
+                        help="a PyTorch state dict of the reference (.pth/.pt/.bin/"
+                             ".safetensors); without it, a random init from --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="default: the weights' head, 1000 for a random init")
+    parser.add_argument("--size", type=int, default=None, help="default: the test size")
+    parser.add_argument("--platforms", nargs="*", default=None,
+                        help="e.g. cpu cuda (default: this machine's backend)")
+    args = parser.parse_args(argv)
+    params, state = load_variables(args.name, args.weights, args.num_classes, args.seed)
+    blob = export(args.name, params, state, args.num_classes, args.size,
+                  tuple(args.platforms) if args.platforms else None)
+    with open(args.out, "wb") as f:
+        f.write(blob)
+    leaves = jax.tree.leaves((params, state))
+    print(f"wrote {args.out}: {len(blob) / 1e6:.1f} MB, {sum(np.size(x) for x in leaves):,} "
+          f"baked-in values")
+
+
+if __name__ == "__main__":
+    main()
