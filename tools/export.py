@@ -1,6 +1,6 @@
 """Export a model's eval-mode forward as a serialized StableHLO artifact (`jax.export`).
 
-    python -m tools.export resnet50 --out resnet50.jaxexport [--weights resnet50.pth]
+    python -m tools.export resnet50 --out resnet50.jaxexport [--weights resnet50.safetensors]
 
     from tools.export import export, load
     blob = export("resnet50", params, state)          # bytes
@@ -102,8 +102,9 @@ def main(argv=None) -> None:
     parser.add_argument("name")
     parser.add_argument("--out", required=True, help="the artifact's path (.jaxexport)")
     parser.add_argument("--weights", default=None,
-                        help="a PyTorch state dict of the reference (.pth/.pt/.bin/"
-                             ".safetensors); without it, a random init from --seed")
+                        help="a nets.weights .safetensors file (tools.convert's output) or a "
+                             "PyTorch state dict of the reference (.pth/.pt/.bin/.safetensors); "
+                             "without it, a random init from --seed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=None,
                         help="default: the weights' head, 1000 for a random init")
