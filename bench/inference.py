@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
+from bench.timing import interleaved
 from tools.summary import summary, totals
 
 
@@ -77,14 +78,7 @@ def main(argv=None):
         for lowering in args.lowerings:
             key = (name, lowering)
             runs[key], compile_s[key] = _forward(name, images, lowering)
-    for run in runs.values():
-        run()  # warm-up
-    times = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved(runs, args.rounds)
 
     first = next(iter(runs))
     rate = {k: args.batch / statistics.median(t) for k, t in times.items()}

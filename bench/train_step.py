@@ -34,6 +34,7 @@ import optax
 import nets
 import optim
 from bench.inference import multiply_adds
+from bench.timing import interleaved
 
 
 def _jax_step(f, images, labels, optimizer=None):
@@ -146,15 +147,7 @@ def main(argv=None):
         key = f"torch {name}"
         runs[key], compile_s[key], memory[key] = _torch_step(name, args.batch, args.size, 1000)
 
-    times = {k: [] for k in runs}
-    if args.rounds:
-        for run in runs.values():
-            run()  # warm-up
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved(runs, args.rounds)
 
     first = next(iter(runs))
     print(f"train step, batch {args.batch}, {args.size} px, float32, "

@@ -80,16 +80,23 @@ def _from_torch_layout(t: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     return t
 
 
-def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
-    """The checkpoint's head width: the head is what num_classes=1 has and 0 has not."""
+def head_module(name: str, **overrides) -> str | None:
+    """The Haiku module path of the variant's classifier weight: the module that num_classes=1
+    has and num_classes=0 has not (eval_shape only)."""
     with_head, _ = shapes(name, 1, **overrides)
     without, _ = shapes(name, 0, **overrides)
-    for module, leaves in with_head.items():
-        if module not in without and "w" in leaves:
-            key = key_fn(module, "w")
-            weight = tensors.get(key if isinstance(key, str) else key[0])
-            return 0 if weight is None else int(weight.shape[classes_axis])
-    return 0
+    return next((m for m, leaves in with_head.items() if m not in without and "w" in leaves),
+                None)
+
+
+def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
+    """The checkpoint's head width (0 when it has no head)."""
+    module = head_module(name, **overrides)
+    if module is None:
+        return 0
+    key = key_fn(module, "w")
+    weight = tensors.get(key if isinstance(key, str) else key[0])
+    return 0 if weight is None else int(weight.shape[classes_axis])
 
 
 def _convert(name, tensors, key_fn, layout_fn, num_classes, overrides, what):

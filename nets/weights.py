@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
-from nets.convert import mismatch_report, shapes
+from nets.convert import head_module, mismatch_report, shapes
 
 FORMAT = "convnets.weights"
 FORMAT_VERSION = "1"
@@ -48,15 +48,9 @@ def _flatten(collection: str, tree) -> dict[str, Any]:
 
 
 def _num_classes_of(name: str, params, overrides) -> int:
-    """The width of the head in `params`: the head is the module that num_classes=1 has and
-    num_classes=0 has not (the registry does not say which axis of which leaf it is)."""
-    with_head, _ = shapes(name, 1, **overrides)
-    without, _ = shapes(name, 0, **overrides)
-    for module, leaves in with_head.items():
-        if module not in without and "w" in leaves:
-            weight = params.get(module, {}).get("w")
-            return 0 if weight is None else int(np.shape(weight)[-1])
-    return 0
+    """The width of the head in `params` (0 without one)."""
+    weight = params.get(head_module(name, **overrides), {}).get("w")
+    return 0 if weight is None else int(np.shape(weight)[-1])
 
 
 def _to_array(value) -> np.ndarray:

@@ -61,9 +61,9 @@ def load_variables(name: str, weights: str | None = None, num_classes: int | Non
     return nets.convert.from_torch(name, state_dict, num_classes, **overrides)
 
 
-def _num_classes(params, name: str) -> int:
-    head = [k for k in params if nets.registry.module_path(k) == nets.model_info(name).classifier]
-    return int(params[head[0]]["w"].shape[-1]) if head else 0
+def _num_classes(params, name: str, **overrides) -> int:
+    weight = params.get(nets.convert.head_module(name, **overrides), {}).get("w")
+    return 0 if weight is None else int(weight.shape[-1])
 
 
 def export(name: str, params, state, num_classes: int | None = None, size: int | None = None,
@@ -73,7 +73,7 @@ def export(name: str, params, state, num_classes: int | None = None, size: int |
     `platforms` (e.g. ("cpu", "cuda")) defaults to the current backend."""
     info = nets.model_info(name)
     if num_classes is None:
-        num_classes = _num_classes(params, name)
+        num_classes = _num_classes(params, name, **overrides)
     if size is not None and size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     f = nets.transformed(name, num_classes, **overrides)
