@@ -63,22 +63,32 @@ def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
     return info.builder(**{**info.config, "num_classes": num_classes, **overrides})
 
 
-def transformed(name: str, num_classes: int = 1000, **overrides) -> hk.TransformedWithState:
-    """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits."""
+def transformed(name: str, num_classes: int = 1000, *, fused: bool = False,
+                **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits.
+    fused=True: the inference form with every BatchNorm folded into its conv, for the
+    parameters `nets.fusion.fuse` returns (eval mode only)."""
     check_overrides(model_info(name), overrides)
+    fusing = fusion.plan(name, num_classes, **overrides).fusion if fused else None
 
     def forward(images, is_training: bool):
-        return create(name, num_classes, **overrides)(images, is_training=is_training)
+        with layers.fused(fusing):
+            return create(name, num_classes, **overrides)(images, is_training=is_training)
 
     return hk.transform_with_state(forward)
 
 
-def transformed_features(name: str, **overrides) -> hk.TransformedWithState:
-    """`hk.transform_with_state` of `features(images, is_training)`: the per-stage maps."""
+def transformed_features(name: str, *, fused: bool = False,
+                         **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of `features(images, is_training)`: the per-stage maps
+    (fused=True as in `transformed`, for the parameters `nets.fusion.fuse(name, ...)` gives
+    with num_classes=0)."""
     check_overrides(model_info(name), overrides)
+    fusing = fusion.plan(name, 0, **overrides).fusion if fused else None
 
     def forward(images, is_training: bool):
-        return create(name, 0, **overrides).features(images, is_training=is_training)
+        with layers.fused(fusing):
+            return create(name, 0, **overrides).features(images, is_training=is_training)
 
     return hk.transform_with_state(forward)
 
@@ -114,8 +124,8 @@ def stacked_axes(name: str, params):
             for module, leaves in params.items()}
 
 
-from nets import convert, weights  # noqa: E402  (they need the registry above)
+from nets import convert, fusion, weights  # noqa: E402  (they need the registry above)
 
-__all__ = ["ModelInfo", "Preprocessing", "convert", "create", "layers", "list_models",
+__all__ = ["ModelInfo", "Preprocessing", "convert", "create", "fusion", "layers", "list_models",
            "model_info", "param_roles", "stacked_axes", "transformed", "transformed_features",
            "weights"]

@@ -89,6 +89,12 @@ def head_module(name: str, **overrides) -> str | None:
                 None)
 
 
+def num_classes_of(name: str, params, overrides=None) -> int:
+    """The width of the head in `params` (0 without one)."""
+    weight = params.get(head_module(name, **(overrides or {})), {}).get("w")
+    return 0 if weight is None else int(np.shape(weight)[-1])
+
+
 def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
     """The checkpoint's head width (0 when it has no head)."""
     module = head_module(name, **overrides)

@@ -193,7 +193,7 @@ class DeformableConv(hk.Module):
         y = deform_conv(x, w.astype(x.dtype), offsets, mask, stride=self.stride,
                         padding=self.padding, dilation=self.dilation, groups=self.groups,
                         deformable_groups=self.deformable_groups)
-        if self.with_bias:
+        if self.with_bias or layers.gains_folded_bias(self.module_name):
             y = y + hk.get_parameter("b", (self.out_channels,), jnp.float32,
                                      init=jnp.zeros).astype(y.dtype)
         return y

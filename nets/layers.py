@@ -7,11 +7,13 @@ except BatchNorm, which always reduces in float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import haiku as hk
 import jax
@@ -264,7 +266,7 @@ class Conv(hk.Module):
                              jnp.float32, init=self.w_init)
         y = conv(x, w.astype(x.dtype), stride=self.stride, padding=self.padding,
                  dilation=self.dilation, groups=self.groups, lowering=self.lowering)
-        if self.with_bias:
+        if self.with_bias or gains_folded_bias(self.module_name):
             y = y + hk.get_parameter("b", (self.out_channels,), jnp.float32,
                                      init=self.b_init).astype(y.dtype)
         return y
@@ -380,6 +382,46 @@ class Linear(hk.Module):
 # Normalisation
 
 
+class Fusion(NamedTuple):
+    """Which BatchNorms are folded into the conv before them (`nets.fusion`): those convs gain a
+    bias `b` and those BatchNorms vanish; every other BatchNorm becomes the per-channel affine
+    x * scale + offset of its eval-mode function (no running statistics)."""
+
+    convs: frozenset[str]          # Haiku module names of the convs that gain a bias
+    norms: frozenset[str]          # ... of the BatchNorms folded into them
+
+
+_FUSION: contextvars.ContextVar[Fusion | None] = contextvars.ContextVar("fusion", default=None)
+
+
+@contextlib.contextmanager
+def fused(fusion: Fusion | None):
+    """Builds the modules called inside in fused form (inference only); None: unchanged."""
+    token = _FUSION.set(fusion)
+    try:
+        yield
+    finally:
+        _FUSION.reset(token)
+
+
+def gains_folded_bias(conv_module_name: str) -> bool:
+    fusion = _FUSION.get()
+    return fusion is not None and conv_module_name in fusion.convs
+
+
+def _fused_batch_norm(module_name: str, x, is_training: bool):
+    fusion = _FUSION.get()
+    if is_training:
+        raise ValueError(f"{module_name}: a model with its BatchNorms fused (nets.fusion) is "
+                         "for inference only; call it with is_training=False.")
+    if module_name in fusion.norms:
+        return x
+    c = x.shape[-1]
+    scale = hk.get_parameter("scale", (c,), jnp.float32, init=jnp.ones)
+    offset = hk.get_parameter("offset", (c,), jnp.float32, init=jnp.zeros)
+    return (x.astype(jnp.float32) * scale + offset).astype(x.dtype)
+
+
 class BatchNorm(hk.Module):
     """BatchNorm whose state is exactly the running mean and variance (no counters).
 
@@ -398,6 +440,8 @@ class BatchNorm(hk.Module):
         self.zero_init = zero_init
 
     def __call__(self, x, is_training: bool):
+        if _FUSION.get() is not None:
+            return _fused_batch_norm(self.module_name, x, is_training)
         c = x.shape[-1]
         scale = hk.get_parameter("scale", (c,), jnp.float32,
                                  init=jnp.zeros if self.zero_init else jnp.ones)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
-from nets.convert import head_module, mismatch_report, shapes
+from nets.convert import mismatch_report, num_classes_of, shapes
 
 FORMAT = "convnets.weights"
 FORMAT_VERSION = "1"
@@ -47,12 +47,6 @@ def _flatten(collection: str, tree) -> dict[str, Any]:
             for module, leaves in tree.items() for leaf, value in leaves.items()}
 
 
-def _num_classes_of(name: str, params, overrides) -> int:
-    """The width of the head in `params` (0 without one)."""
-    weight = params.get(head_module(name, **overrides), {}).get("w")
-    return 0 if weight is None else int(np.shape(weight)[-1])
-
-
 def _to_array(value) -> np.ndarray:
     value = np.asarray(value)
     if np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
@@ -73,7 +67,7 @@ def save(path, params, state, *, model: str, num_classes: int | None = None,
     overrides = dict(overrides or {})
     info = nets.model_info(model)
     if num_classes is None:
-        num_classes = _num_classes_of(model, params, overrides)
+        num_classes = num_classes_of(model, params, overrides)
     _check_against_model(model, num_classes, overrides,
                          {**_flatten("params", params), **_flatten("state", state)}, strict=True,
                          header=f"these trees are not {model}'s (num_classes={num_classes}, "
