@@ -58,15 +58,22 @@ def test_exported_shape_is_checked(resnet18):
         export_tool.export("resnet18", params, state, size=0)
 
 
-def test_command_writes_the_artifact(resnet18, tmp_path, capsys, monkeypatch):
+def test_command_writes_the_fused_artifact(resnet18, tmp_path, capsys, monkeypatch):
     # The command's random init compiles slowly on CPU; the fixture's variables stand in.
     monkeypatch.setattr(export_tool, "load_variables", lambda *args: resnet18)
     out = tmp_path / "m.jaxexport"
-    export_tool.main(["resnet18", "--out", str(out), "--num-classes", "10", "--size", "32"])
+    export_tool.main(["resnet18", "--out", str(out), "--num-classes", "10", "--size", "32",
+                      "--fused"])
     exported = jax.export.deserialize(bytearray(pathlib.Path(out).read_bytes()))
     assert str(exported.in_avals[0].shape) == "(b, 32, 32, 3)"
     assert exported.out_avals[0].shape[1:] == (10,)
     assert "wrote" in capsys.readouterr().out
+    # --fused: BatchNorms folded into the convs (nets.fusion), the same function.
+    assert "rsqrt" not in exported.mlir_module()
+    x = random_images(2, 32)
+    params, state = resnet18
+    expected, _ = jitted_apply("resnet18", 10)(params, state, None, x, is_training=False)
+    np.testing.assert_allclose(exported.call(x), expected, atol=1e-5, rtol=0)
 
 
 def test_missing_or_unknown_weights_are_clear_errors(tmp_path):
