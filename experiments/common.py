@@ -73,6 +73,26 @@ def base() -> ml_collections.ConfigDict:
     ))
     c.ema_decay = 0.0               # > 0: keep an EMA of params and model state (tf1 warm-up)
 
+    # Transfer learning (training/transfer.py); used only when a run starts fresh.
+    c.init_from = ""                # a nets.weights .safetensors file or a training workdir
+    c.init_from_ema = False         # checkpoints: start from the run's EMA weights
+    c.reset_head = False            # keep the fresh head even where its shape fits
+    c.freeze = ()                   # regexes re.match-ed against module paths without the
+                                    # root ("layer1_0.conv1"); zero updates, BN stats kept
+
+    # Knowledge distillation (training/distill.py); on when teacher_from is set.
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher="",                 # the teacher's model; "": the one its weights are for
+        teacher_from="",            # a nets.weights .safetensors file or a training workdir
+        teacher_ema=False,          # checkpoints: the teacher's EMA weights
+        alpha=0.5,                  # weight of CE(student, targets); 1 - alpha: the soft term
+        temperature=4.0,            # T: both softmaxes at logits / T; the soft term x T^2
+    ))
+
+    # ((field, what to pass), ...): fields this experiment cannot run without; an empty one
+    # stops train.py with a message saying what to pass (a default of "" still loads).
+    c.required = ()
+
     c.compute_dtype = "auto"        # "auto": bfloat16 on accelerators, float32 on CPU
     c.seed = 0
     c.log_every = 50

@@ -284,3 +284,95 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
         cwd=ROOT, capture_output=True, text=True, env=environment(), timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "unknown model 'resnet19'. Did you mean: resnet18" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer learning and distillation (training/transfer.py, training/distill.py) end to end, from
+# the finished resnet18 run above.
+
+
+def run_experiment(config, workdir, data_dir, *extra):
+    command = [sys.executable, "train.py", "--config", config, "--config.batch_size=16",
+               "--config.log_every=1", f"--config.data.data_dir={data_dir}",
+               f"--workdir={workdir}", *extra]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                            env=environment(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def saved_tree(workdir, step):
+    """The train state saved at `step` as {"params/resnet/conv1/w": array, ...}."""
+    path = pathlib.Path(workdir, "checkpoints", str(step), "state").resolve()
+    checkpointer = ocp.StandardCheckpointer()
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          checkpointer.metadata(path).item_metadata.tree)
+    restored = checkpointer.restore(path, target)
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def test_fine_tuning_from_a_workdir_freezes_the_stem_and_stage_1(straight_run, data_dir,
+                                                                  tmp_path):
+    source, _ = straight_run
+    result = run_experiment("experiments/finetune_gcnet_resnet50.py:local", tmp_path, data_dir,
+                            "--config.model=resnet18", f"--config.init_from={source}",
+                            "--config.reset_head=True", "--config.num_steps=2",
+                            "--config.ema_decay=0.9", "--config.seed=1")
+    assert (f"init_from resnet18 checkpoint at step {STEPS} in {source}: loaded 100 of 102 "
+            "arrays (parameters and BN statistics); the head keeps its fresh init (reset_head)"
+            in result.stdout)
+    assert ("freeze ('conv1', 'bn1', 'layer1_'): 157,504 parameters frozen (and their BN "
+            "statistics), 11,024,138 trainable") in result.stdout
+    before, after = saved_tree(source, STEPS), saved_tree(tmp_path, 2)
+    frozen = ("/conv1/", "/bn1/", "/layer1_")
+    checked = {"frozen": 0, "trained": 0}
+    for key, value in after.items():
+        field, module = key.split("/")[0], key.split("/", 2)[-1]
+        if field not in ("params", "model_state", "ema_params", "ema_model_state"):
+            continue
+        if ("/" + module).startswith(frozen):
+            # The source's (its params and statistics, not its EMA: init_from_ema is off), kept.
+            np.testing.assert_array_equal(value, before[key.removeprefix("ema_")], err_msg=key)
+            checked["frozen"] += 1
+        elif field == "params" and "/fc/" not in key:
+            assert np.any(value != before[key]), key   # loaded, then trained
+            checked["trained"] += 1
+    # 15 frozen parameter leaves and 10 BN statistics, each with its EMA (which starts from the
+    # loaded values); 62 parameter leaves in all.
+    assert checked == {"frozen": 2 * (15 + 10), "trained": 62 - 15 - 2}
+    # The head is a fresh init (reset_head; another seed than the source's), not the source's.
+    assert not np.allclose(after["params/resnet/fc/w"], before["params/resnet/fc/w"], atol=1e-2)
+
+    # Resuming always wins over init_from.
+    again = run_experiment("experiments/finetune_gcnet_resnet50.py:local", tmp_path, data_dir,
+                           "--config.model=resnet18", f"--config.init_from={source}",
+                           "--config.num_steps=2", "--config.ema_decay=0.9", "--config.seed=1")
+    assert "resumed from the checkpoint at step 2" in again.stdout
+    assert "(config.init_from is for fresh runs only)" in again.stdout
+    assert "init_from resnet18" not in again.stdout
+
+
+def test_distillation_from_the_finished_run(straight_run, data_dir, tmp_path):
+    teacher, _ = straight_run
+    result = run_experiment("experiments/distill_mobilenet_v2.py:local", tmp_path, data_dir,
+                            "--config.model=mobilenet_v1_025", "--config.distill.teacher=",
+                            f"--config.distill.teacher_from={teacher}", "--config.num_steps=2",
+                            "--config.ema_decay=0")
+    assert (f"distilling from resnet18 checkpoint at step {STEPS} (EMA) in {teacher} (eval "
+            "mode): loss = 0.5 * CE + 0.5 * 4.0^2 * KL") in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+               if '"train/loss"' in line]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:   # one step per record (log_every=1): the loss is its two terms combined
+        assert r["train/ce"] > 0 and r["train/kl"] > 0
+        assert r["train/loss"] == pytest.approx(0.5 * r["train/ce"] + 0.5 * 16 * r["train/kl"],
+                                                rel=1e-5)
+    # The checkpoint holds the student alone.
+    import nets
+
+    saved = saved_tree(tmp_path, 2)
+    student = nets.convert.shapes("mobilenet_v1_025", 10)[0]
+    assert sum(v.size for k, v in saved.items() if k.startswith("params/")) == sum(
+        int(np.prod(s.shape)) for s in jax.tree.leaves(student))

@@ -3,6 +3,7 @@ checkpoint, train, checkpoint, evaluate, stop cleanly on SIGTERM and on a non-fi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ import ml_collections
 
 import data
 import nets
-from training import checkpoint, distributed, metrics, optimizers, steps
+from training import checkpoint, distill, distributed, metrics, optimizers, steps, transfer
 from training.state import TrainState
 
 
@@ -39,27 +40,53 @@ class ConfigError(ValueError):
     pass
 
 
+def _field(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def _validate(config: ml_collections.ConfigDict, mesh) -> None:
     try:
         info = nets.model_info(config.model)   # an unknown name lists close ones
         nets.check_overrides(info, config.model_kwargs.to_dict())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.model: {e}") from None
+    for field, what in config.required:
+        if not _field(config, field):
+            raise ConfigError(f"config.{field} is empty, and this experiment needs it: pass "
+                              f"--config.{field}=PATH with {what}")
+    if config.distill.teacher and not config.distill.teacher_from:
+        raise ConfigError(f"config.distill.teacher={config.distill.teacher!r} needs its weights: "
+                          "pass --config.distill.teacher_from=PATH (a nets.weights .safetensors "
+                          "file or a training workdir)")
+    try:
+        distill.check_weights(config.distill.alpha, config.distill.temperature)
+    except ValueError as e:
+        raise ConfigError(f"config.distill: {e}") from None
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % mesh.size:
             raise ConfigError(f"config.{field}={config[field]} must be a multiple of the "
                               f"{mesh.size} devices the batch is sharded over")
 
 
-def init_state(config, model, optimizer_fn, mesh) -> tuple[TrainState, object]:
-    """The initial state, built under jit straight into its replicated sharding."""
+def _model_init(config, model):
     size = config.data.train_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    return lambda key: model.init(key, images, is_training=True)
+
+
+def init_state(config, model, optimizer_fn, mesh, prepare=None) -> tuple[TrainState, object]:
+    """The initial state, built under jit straight into its replicated sharding. `prepare`
+    ((params, model_state) -> (params, model_state)) replaces the fresh init before the optimizer
+    state and the EMA are built from it (e.g. with weights loaded for fine-tuning)."""
     key = jax.random.key(config.seed)
     init_key, step_key = jax.random.split(key)
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params, model_state = jax.jit(
-        lambda k: model.init(k, images, is_training=True),
-        out_shardings=distributed.replicated(mesh))(init_key)
+    replicated = distributed.replicated(mesh)
+    params, model_state = jax.jit(_model_init(config, model), out_shardings=replicated)(
+        init_key)
+    if prepare is not None:
+        params, model_state = jax.device_put(prepare(params, model_state), replicated)
     optimizer = optimizer_fn(params)
     ema = config.ema_decay > 0
 
@@ -72,6 +99,26 @@ def init_state(config, model, optimizer_fn, mesh) -> tuple[TrainState, object]:
 
     state = jax.jit(build, out_shardings=distributed.replicated(mesh))(params, model_state)
     return state, optimizer
+
+
+def _load_init_from(config, params_shapes, state_shapes):
+    """(description, transfer.Loaded) of config.init_from merged over the model's shapes: the
+    leaves loaded as arrays, the fresh ones as ShapeDtypeStructs for `_over_fresh` to fill."""
+    try:
+        source = transfer.read_source(config.init_from, ema=config.init_from_ema)
+        head = nets.convert.head_module(config.model, **config.model_kwargs.to_dict())
+        loaded = transfer.merge(params_shapes, state_shapes, source, head=head,
+                                reset_head=config.reset_head)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+    return source.description, loaded
+
+
+def _over_fresh(loaded, params, model_state):
+    """The loaded leaves over the fresh init (init_state's `prepare`)."""
+    take = lambda merged, fresh: fresh if isinstance(merged, jax.ShapeDtypeStruct) else merged
+    return (jax.tree.map(take, loaded.params, params),
+            jax.tree.map(take, loaded.state, model_state))
 
 
 def evaluate(config, eval_fn, state: TrainState, mesh) -> dict[str, dict]:
@@ -116,29 +163,68 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = distributed.data_mesh()
     _validate(config, mesh)
     dtype = steps.compute_dtype(config.compute_dtype)
+    model = nets.transformed(config.model, num_classes=config.data.num_classes,
+                             **config.model_kwargs.to_dict())
+    # Shapes only (nothing compiled): the checkpoint signature, the freeze masks and the checks
+    # of init_from.
+    shapes = jax.eval_shape(_model_init(config, model), jax.random.key(0))
+    frozen = None
+    if config.freeze:
+        try:
+            frozen = transfer.frozen_masks(config.freeze, *shapes)
+        except ValueError as e:
+            raise ConfigError(f"config.freeze: {e}") from None
+    teacher = None
+    if config.distill.teacher_from:
+        try:
+            teacher, teacher_variables = distill.load_teacher(config.distill,
+                                                              config.data.num_classes)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config.distill.teacher_from={config.distill.teacher_from!r}: "
+                              f"{e}") from None
+        teacher_variables = jax.device_put(teacher_variables, distributed.replicated(mesh))
     train_data = data.train_iterator(config.data, global_batch=config.batch_size,
                                      seed=config.seed, process_index=jax.process_index(),
                                      process_count=jax.process_count())
+    ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
+                                  checkpoint.model_signature(config, shapes[0]),
+                                  config.to_json())
+    start = ckpt.latest_step() or 0
+    loaded = None
+    if config.init_from and not start:   # resuming always wins over init_from
+        try:
+            loaded = _load_init_from(config, *shapes)
+        except ConfigError:
+            train_data.close()
+            ckpt.close()
+            raise
     steps_per_epoch = train_data.num_examples / config.batch_size
     total_steps = config.num_steps or max(1, round(config.num_epochs * steps_per_epoch))
-
-    model = nets.transformed(config.model, num_classes=config.data.num_classes,
-                             **config.model_kwargs.to_dict())
     schedule = optimizers.learning_rate(config.optimizer, config.batch_size, steps_per_epoch,
                                         total_steps)
-    state, optimizer = init_state(
-        config, model, lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule),
-        mesh)
-    ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                                  checkpoint.model_signature(config, state.params),
-                                  config.to_json())
     report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size)
+    if loaded is not None:
+        report.print(f"init_from {loaded[0]}: {loaded[1].summary()}")
+    state, optimizer = init_state(
+        config, model, lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule,
+                                                      frozen=frozen[0] if frozen else None),
+        mesh, prepare=None if loaded is None else functools.partial(_over_fresh, loaded[1]))
 
-    start = ckpt.latest_step() or 0
     if start:
         state, data_state = ckpt.restore(start, state)
         train_data.set_state(data_state)
-        report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+        report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+                     + (" (config.init_from is for fresh runs only)" if config.init_from else ""))
+    if frozen is not None:
+        sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(shapes[0]),
+                                             jax.tree.leaves(frozen[0]), strict=True)]
+        n_frozen = sum(size for size, f in sizes if f)
+        report.print(f"freeze {tuple(config.freeze)}: {n_frozen:,} parameters frozen (and "
+                     f"their BN statistics), {sum(s for s, _ in sizes) - n_frozen:,} trainable")
+    if teacher is not None:
+        report.print(f"distilling from {teacher.description} (eval mode): loss = "
+                     f"{teacher.alpha} * CE + {1 - teacher.alpha:g} * {teacher.temperature}^2 * "
+                     "KL; train/ce and train/kl in metrics.jsonl")
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     report.print(
         f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
@@ -149,7 +235,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_fn = steps.train_step(model, optimizer, schedule, dtype=dtype,
                                 label_smoothing=config.label_smoothing,
-                                ema_decay=config.ema_decay, mesh=mesh)
+                                ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
+                                teacher=teacher)
+    teacher_args = (teacher_variables,) if teacher is not None else ()
     eval_fn = steps.eval_step(model, mesh)
     sharding = distributed.batch_sharded(mesh)
     preemption = _Preemption()
@@ -158,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         for step in range(start + 1, total_steps + 1):
             batch = distributed.global_batch(next(train_data), sharding)
-            state, step_metrics = train_fn(state, batch)
+            state, step_metrics = train_fn(state, batch, *teacher_args)
             history.append(step_metrics)
             if previous is not None:   # one step behind, so the host never stalls the devices
                 _check_finite(previous, step - 1, ckpt)

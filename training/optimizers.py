@@ -26,11 +26,23 @@ def learning_rate(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epo
                      "'exponential'")
 
 
-def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule
+def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule, *, frozen=None
               ) -> optax.GradientTransformation:
     """`sgd`: coupled weight decay on `decay_roles`, then SGD with (Nesterov) momentum.
     `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first).
-    `rmsprop`: coupled weight decay (the papers' L2 loss term), then TF1's RMSProp."""
+    `rmsprop`: coupled weight decay (the papers' L2 loss term), then TF1's RMSProp.
+    `frozen` (a tree of bools like `params`, training.transfer.frozen_masks) zeroes the final
+    updates of those leaves, weight decay included, so they stay bit-identical."""
+    if frozen is None:
+        frozen = jax.tree.map(lambda _: False, params)
+    # Last in the chain, so nothing the chain adds (decay, momentum) reaches a frozen leaf; and
+    # always there (set_to_zero keeps no state), so the optimizer state has one structure
+    # whatever is frozen: a run can resume with another config.freeze.
+    return optax.chain(_optimizer(cfg, model, params, schedule),
+                       optax.masked(optax.set_to_zero(), frozen))
+
+
+def _optimizer(cfg, model, params, schedule):
     roles = nets.param_roles(model, params)
     decay_roles = tuple(cfg.decay_roles)
     unknown = set(decay_roles) - set(jax.tree.leaves(roles))

@@ -1,0 +1,111 @@
+"""Knowledge distillation (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural
+Network"): the student learns from the targets and from a trained teacher's softened outputs,
+
+    loss = alpha * CE(student, targets)
+           + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+
+CE as `training.steps.cross_entropy` (label smoothing, MixUp / CutMix targets). The T^2 keeps the
+soft term's gradient on the scale of the hard term's as T changes: the gradient of
+T^2 * KL wrt the student's logits z is T * (softmax(z / T) - softmax(teacher / T)) per example,
+which tends to (z - mean z - teacher + mean teacher) / C for large T (the paper's "matching
+logits" limit). Everything is computed in float32.
+
+The teacher runs in eval mode (is_training=False) on the student's (augmented) images; its
+parameters and statistics are an argument of the train step under stop_gradient, never part of
+the train state, the optimizer or the checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+import nets
+from training import steps, transfer
+
+
+def soften(logits, temperature: float):
+    """softmax(logits / T) in float32: T > 1 flattens the distribution, T -> inf makes it
+    uniform."""
+    return jax.nn.softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
+
+
+def kl_divergence(student_logits, teacher_logits, temperature: float):
+    """Mean over the batch of KL(softmax(teacher / T) || softmax(student / T))."""
+    log_p = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
+    # exp(log_p) may underflow to 0 where log_p stays finite, so the product stays 0 (no 0 * inf).
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
+
+
+def terms(student_logits, teacher_logits, targets, temperature: float,
+          label_smoothing: float = 0.0):
+    """(CE(student, targets), KL at temperature T), unweighted."""
+    return (steps.cross_entropy(student_logits, targets, label_smoothing),
+            kl_divergence(student_logits, teacher_logits, temperature))
+
+
+def loss(student_logits, teacher_logits, targets, alpha: float, temperature: float,
+         label_smoothing: float = 0.0):
+    """alpha * CE + (1 - alpha) * T^2 * KL, as the module docstring writes it. `targets` are
+    distributions [B, C] (one-hot or mixed)."""
+    ce, kl = terms(student_logits, teacher_logits, targets, temperature, label_smoothing)
+    return combine(ce, kl, alpha, temperature)
+
+
+def combine(ce, kl, alpha: float, temperature: float):
+    """The loss from its two terms: alpha * ce + (1 - alpha) * T^2 * kl."""
+    return alpha * ce + (1.0 - alpha) * temperature ** 2 * kl
+
+
+class Teacher(NamedTuple):
+    """The teacher's forward and the loss weights; its variables travel separately."""
+
+    model: hk.TransformedWithState
+    alpha: float
+    temperature: float
+    description: str
+
+
+def check_weights(alpha: float, temperature: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha}: the weight of the hard-target term must be in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+
+
+def load_teacher(cfg, num_classes: int) -> tuple[Teacher, tuple[dict, dict]]:
+    """The teacher `cfg` (config.distill) names and its (params, state): `teacher_from` is a
+    nets.weights file or a training workdir (teacher_ema: its EMA); `teacher`, when set, must be
+    the model those weights are for. The teacher must predict the `num_classes` classes of the
+    student's data."""
+    check_weights(cfg.alpha, cfg.temperature)
+    source = transfer.read_source(cfg.teacher_from, ema=cfg.teacher_ema)
+    if cfg.teacher and cfg.teacher != source.model:
+        raise ValueError(f"distill.teacher={cfg.teacher!r}, but {source.description} holds "
+                         f"{source.model}; leave distill.teacher empty to use the weights' model")
+    if source.num_classes != num_classes:
+        raise ValueError(f"the teacher {source.description} predicts {source.num_classes} "
+                         f"classes, the data has {num_classes}: a teacher must predict the "
+                         "student's classes (fine-tune it on this data first)")
+    expected = nets.convert.shapes(source.model, num_classes, **source.overrides)
+
+    def flat(trees):
+        return {f"{c}/{m}/{k}": v for c, tree in zip(("params", "state"), trees, strict=True)
+                for m, leaves in tree.items() for k, v in leaves.items()}
+
+    ours, theirs = flat(expected), flat((source.params, source.state))
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    mismatched = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in ours
+                  if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(nets.convert.mismatch_report(
+            f"{source.description} is incomplete for its model:", missing=missing,
+            mismatched=mismatched, unexpected=unexpected))
+    model = nets.transformed(source.model, num_classes=num_classes, **source.overrides)
+    teacher = Teacher(model, float(cfg.alpha), float(cfg.temperature), source.description)
+    return teacher, (source.params, source.state)
