@@ -49,15 +49,22 @@ def run_train(workdir, data_dir, *extra, check=True):
     return result
 
 
-def saved_state(workdir, step):
-    """Every array of the train state saved at `step`, as numpy arrays in tree order."""
+def saved_tree(workdir, step):
+    """The train state saved at `step` as {"params/resnet/conv1/w": array, ...}, in tree order,
+    restored onto this process's one device whatever topology wrote it."""
     path = pathlib.Path(workdir, "checkpoints", str(step), "state").resolve()
     checkpointer = ocp.StandardCheckpointer()
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    # Onto this process's one device, whatever topology wrote it.
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                           checkpointer.metadata(path).item_metadata.tree)
-    return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
+    restored = checkpointer.restore(path, target)
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def saved_state(workdir, step):
+    """Every array of the train state saved at `step`, as numpy arrays in tree order."""
+    return list(saved_tree(workdir, step).values())
 
 
 def wait_for(predicate, process, timeout=300):
@@ -299,18 +306,6 @@ def run_experiment(config, workdir, data_dir, *extra):
                             env=environment(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def saved_tree(workdir, step):
-    """The train state saved at `step` as {"params/resnet/conv1/w": array, ...}."""
-    path = pathlib.Path(workdir, "checkpoints", str(step), "state").resolve()
-    checkpointer = ocp.StandardCheckpointer()
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          checkpointer.metadata(path).item_metadata.tree)
-    restored = checkpointer.restore(path, target)
-    return {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf)
-            for keys, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
 def test_fine_tuning_from_a_workdir_freezes_the_stem_and_stage_1(straight_run, data_dir,
