@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import nets
@@ -63,3 +64,16 @@ def assert_registry_figures_are_the_tables(name, reference_counts):
     assert (info.reference_params, info.reference_params_no_head,
             info.reference_bn_stat_elems) == (row["params_with_head"], row["params_no_head"],
                                               row["bn_stat_elems"])
+
+
+def random_train_state(model, optimizer, size: int, *, ema: bool, seed=1):
+    """A replicated TrainState of `random_variables` (nothing compiled) for size x size images,
+    with the optimizer's initial state and, with `ema`, an EMA equal to the variables."""
+    from training import distributed
+    from training.state import TrainState
+
+    params, model_state = random_variables(model, jnp.zeros((1, size, size, 3)), seed=seed)
+    state = TrainState(jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0)), params,
+                       model_state, optimizer.init(params), params if ema else None,
+                       model_state if ema else None)
+    return jax.device_put(state, distributed.replicated(distributed.data_mesh()))

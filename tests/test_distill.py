@@ -9,21 +9,10 @@ import pytest
 
 import nets
 from experiments import common
-from tests.helpers import jitted_apply, random_variables
+from tests.helpers import jitted_apply, random_train_state, random_variables
 from training import distill, distributed, loop, optimizers, steps
-from training.state import TrainState
 
 SIZE = 32
-
-
-def train_state(model, optimizer, *, ema: bool, seed=1):
-    """A replicated TrainState of random variables (helpers.random_variables: nothing compiled,
-    BN statistics away from the identity) and the optimizer's initial state."""
-    params, model_state = random_variables(model, jnp.zeros((1, SIZE, SIZE, 3)), seed=seed)
-    state = TrainState(jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0)), params,
-                       model_state, optimizer.init(params), params if ema else None,
-                       model_state if ema else None)
-    return jax.device_put(state, distributed.replicated(distributed.data_mesh()))
 
 
 def np_log_softmax(z):
@@ -146,7 +135,7 @@ def setup():
     schedule = optimizers.learning_rate(config.optimizer, 2, 10.0, 10)
     optimizer = optimizers.optimizer(config.optimizer, "resnet18", teacher_variables[0],
                                      schedule)
-    state = train_state(model, optimizer, ema=False, seed=1)
+    state = random_train_state(model, optimizer, SIZE, ema=False, seed=1)
     rng = np.random.default_rng(0)
     batch = {"images": rng.normal(size=(2, SIZE, SIZE, 3)).astype(np.float32),
              "targets": np.eye(10, dtype=np.float32)[[1, 7]]}

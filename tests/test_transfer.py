@@ -10,22 +10,11 @@ import pytest
 import nets
 from experiments import common
 from nets.registry import module_path
-from tests.helpers import random_variables
+from tests.helpers import random_train_state, random_variables
 from training import distributed, loop, optimizers, steps, transfer
-from training.state import TrainState
 
 STEM_AND_STAGE_1 = ("conv1", "bn1", "layer1_")
 SIZE = 32
-
-
-def train_state(model, optimizer, *, ema: bool, seed=1):
-    """A replicated TrainState of random variables (helpers.random_variables: nothing compiled,
-    BN statistics away from the identity) and the optimizer's initial state."""
-    params, model_state = random_variables(model, jnp.zeros((1, SIZE, SIZE, 3)), seed=seed)
-    state = TrainState(jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0)), params,
-                       model_state, optimizer.init(params), params if ema else None,
-                       model_state if ema else None)
-    return jax.device_put(state, distributed.replicated(distributed.data_mesh()))
 
 
 def flat(tree):
@@ -55,7 +44,7 @@ def frozen_run():
     schedule = optimizers.learning_rate(config.optimizer, 2, 10.0, 10)
     optimizer = optimizers.optimizer(config.optimizer, "resnet18", shapes[0], schedule,
                                      frozen=frozen[0])
-    state = train_state(model, optimizer, ema=True)
+    state = random_train_state(model, optimizer, SIZE, ema=True)
     step = steps.train_step(model, optimizer, schedule, dtype=jnp.float32, label_smoothing=0.0,
                             ema_decay=0.9, mesh=mesh, frozen=frozen)
     before = jax.device_get(state)    # the step donates `state`
