@@ -8,7 +8,9 @@ fewer ops and no running statistics.
 
 Which BatchNorm follows which conv is read from the model itself: its eval-mode forward is
 traced (`jax.eval_shape`, nothing computed) and a BatchNorm is paired with the conv whose output
-it receives unchanged. For a pair, with s = gamma / sqrt(running_var + eps) per channel,
+it receives unchanged. (That conv's output must feed nothing else, or folding would change the
+other consumer too; no model in the zoo does that - tests/test_fusion.py compares every family's
+fused and unfused outputs.) For a pair, with s = gamma / sqrt(running_var + eps) per channel,
 
     W' = W * s (over the output channels),    b' = (b - running_mean) * s + beta,
 
