@@ -19,10 +19,10 @@ MODELS = [
     ("densenet121", {}),
     ("resnest50d", {"layers": (1, 1, 1, 1)}), ("skresnext50_32x4d", {"layers": (1, 1, 1, 1)}),
     ("skresnet18", {}), ("cbam_resnet50", {"layers": (1, 1, 1, 1)}),
-    ("gcresnet50t", {"layers": (1, 1, 1, 1)}), ("resnet50d", {"layers": (1, 1, 1, 1)}),
+    ("gcresnet50t", {"layers": (1, 1, 1, 1)}),
     ("resnet50", {"layers": (1, 1, 1, 1), "deformable_stages": (3, 4)}),
-    ("cspresnext50", {}), ("cspdarknet53", {}), ("mobilenet_v1", {}),
-    ("keras_mobilenet_v3_small", {}), ("shufflenet_v1_g3", {}), ("shake_shake_26_2x32d", {}),
+    ("cspdarknet53", {}), ("mobilenet_v1", {}), ("shufflenet_v1_g3", {}),
+    ("shake_shake_26_2x32d", {}),
     ("p3d_resnet50", {}),
 ]
 # BatchNorms with no conv right before them: they become affines (x * scale + offset).
