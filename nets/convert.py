@@ -42,9 +42,10 @@ def example_images(name: str, batch: int = 1, size: int | None = None, **overrid
 
 
 def shapes(name: str, num_classes: int = 1000, **overrides):
-    """(params, state) of the variant as trees of ShapeDtypeStructs, without computing."""
+    """(params, state) of the variant as trees of ShapeDtypeStructs, without computing.
+    `fused=True` (among the overrides): those of its inference form (`nets.fusion`)."""
     f = nets.transformed(name, num_classes, **overrides)
-    init = functools.partial(f.init, is_training=True)
+    init = functools.partial(f.init, is_training=not overrides.get("fused", False))
     return jax.eval_shape(init, jax.random.key(0), example_images(name, **overrides))
 
 

@@ -10,6 +10,8 @@ import pytest
 
 import nets
 from tests.helpers import random_variables
+from tools import export as export_tool
+from tools import fuse as fuse_tool
 
 # One variant per block kind: the list, then the rest of the zoo's BatchNorm families
 # (shallow ResNet-family variants where depth adds nothing but compile time).
@@ -115,3 +117,28 @@ def test_models_without_batchnorm_fuse_to_themselves():
     assert plan.folded == {} and plan.eps == {}
     fused_params, fused_state = nets.fusion.fuse("nfnet_f0", params, state)
     assert jax.tree.structure(fused_params) == jax.tree.structure(params)
+
+
+def test_fuse_command_writes_weights_of_the_fused_model(tmp_path, capsys):
+    name = "mobilenet_v1_025"
+    f, params, state, images = _variables(name, {})
+    source, out = tmp_path / "w.safetensors", tmp_path / "fused.safetensors"
+    nets.weights.save(source, params, state, model=name)
+    fuse_tool.main(["--weights", str(source), "--out", str(out)])
+    assert "27 BatchNorms folded into their convs, 0 kept as affines" in capsys.readouterr().out
+    meta = nets.weights.read_metadata(out)
+    assert (meta["model"], meta["num_classes"], meta["overrides"]) == (name, 10, {"fused": True})
+    fused_params, fused_state = nets.weights.load(out)   # checked against the fused model
+    fused = nets.transformed(name, 10, **meta["overrides"])
+    logits, _ = jax.jit(f.apply, static_argnames="is_training")(params, state, None, images,
+                                                                is_training=False)
+    fused_logits, _ = jax.jit(fused.apply, static_argnames="is_training")(
+        fused_params, fused_state, None, images, is_training=False)
+    np.testing.assert_allclose(fused_logits, logits, atol=1e-5, rtol=0)
+    # tools.export takes the fused file as it is.
+    artifact = tmp_path / "m.jaxexport"
+    export_tool.main([name, "--weights", str(out), "--out", str(artifact), "--size", "32"])
+    exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+    np.testing.assert_allclose(exported.call(images), logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="already fused"):
+        fuse_tool.fuse_file(str(out), str(tmp_path / "again.safetensors"))

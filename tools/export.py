@@ -66,13 +66,14 @@ def export(name: str, params, state, num_classes: int | None = None, size: int |
     """The serialized eval forward of `name` with these variables baked in. `num_classes`
     defaults to the head's size in `params` (0, pooled features, when there is no head);
     `platforms` (e.g. ("cpu", "cuda")) defaults to the current backend. fused=True folds every
-    BatchNorm into the conv before it first (`nets.fusion`): the same function, fewer ops."""
+    BatchNorm into the conv before it first (`nets.fusion`): the same function, fewer ops.
+    Weights fused already (`tools.fuse`) are exported as they are, with fused=True."""
     info = nets.model_info(name)
     if num_classes is None:
         num_classes = nets.convert.num_classes_of(name, params, overrides)
     if size is not None and size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    if fused:
+    if fused and state:   # fused weights carry no BatchNorm statistics: nothing left to fold
         params, state = nets.fusion.fuse(name, params, state, num_classes, **overrides)
     f = nets.transformed(name, num_classes, fused=fused, **overrides)
     example = nets.convert.example_images(name, 1, size or info.test_size, **overrides)
@@ -113,8 +114,13 @@ def main(argv=None) -> None:
                         help="e.g. cpu cuda (default: this machine's backend)")
     args = parser.parse_args(argv)
     params, state = load_variables(args.name, args.weights, args.num_classes, args.seed)
+    overrides = {}   # those a nets.weights file was saved with (e.g. fused=True)
+    if args.weights and args.weights.endswith(".safetensors") and nets.weights.is_weights_file(
+            args.weights):
+        overrides = nets.weights.read_metadata(args.weights)["overrides"]
+    fused = args.fused or overrides.pop("fused", False)
     blob = export(args.name, params, state, args.num_classes, args.size,
-                  tuple(args.platforms) if args.platforms else None, fused=args.fused)
+                  tuple(args.platforms) if args.platforms else None, fused=fused, **overrides)
     with open(args.out, "wb") as f:
         f.write(blob)
     leaves = jax.tree.leaves((params, state))
