@@ -242,12 +242,8 @@ class CSPNet(hk.Module):
 
     def __call__(self, images, is_training: bool):
         x = self.stage_outputs(images, is_training)[-1][1]
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            x = layers.Linear(self.num_classes, w_init=hk.initializers.RandomNormal(0.01),
-                              b_init=jnp.zeros, name="fc")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training,
+                                 w_init=hk.initializers.RandomNormal(0.01), b_init=jnp.zeros)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,11 +160,8 @@ class DenseNet(hk.Module):
 
     def __call__(self, images, is_training: bool):
         x = self.features(images, is_training)[f"stage{len(self.block_config)}"]
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            x = layers.Linear(self.num_classes, b_init=jnp.zeros, name="classifier")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training, name="classifier",
+                                 b_init=jnp.zeros)
 
 
 def torch_name(path: str, config: Mapping[str, Any]) -> str:

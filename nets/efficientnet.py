@@ -133,13 +133,9 @@ class EfficientNet(hk.Module):
         x = self.features(images, is_training)["stage4"]
         x = layers.Conv(round_filters(1280, self.width), 1, w_init=CONV_INIT, name="top_conv")(x)
         x = layers.activation(self.opts["activation"])(self._bn("top_bn")(x, is_training))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            if is_training and self.dropout_rate > 0:
-                x = hk.dropout(hk.next_rng_key(), self.dropout_rate, x)
-            x = layers.Linear(self.num_classes, w_init=DENSE_INIT, b_init=jnp.zeros,
-                              name="predictions")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training,
+                                 dropout_rate=self.dropout_rate, name="predictions",
+                                 w_init=DENSE_INIT, b_init=jnp.zeros)
 
 
 def keras_name(path: str, config: Mapping[str, Any]) -> str:

@@ -378,6 +378,19 @@ class Linear(hk.Module):
         return y
 
 
+def classifier(x, num_classes: int, is_training: bool, *, dropout_rate: float = 0.0,
+               name: str = "fc", **linear_kwargs):
+    """A CNN's head: the mean over the spatial axes, in float32 so that logits are float32 under
+    any compute dtype; then, unless num_classes is 0 (pooled features), dropout while training
+    and the `Linear` layer `name` (called inside the model, it is the model's submodule)."""
+    x = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
+    if not num_classes:
+        return x
+    if is_training and dropout_rate:
+        x = hk.dropout(hk.next_rng_key(), dropout_rate, x)
+    return Linear(num_classes, name=name, **linear_kwargs)(x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation
 

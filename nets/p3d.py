@@ -51,7 +51,6 @@ from typing import Any
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from nets import layers
 from nets.registry import ModelInfo, Preprocessing
@@ -239,13 +238,8 @@ class P3DResNet(hk.Module):
 
     def __call__(self, images, is_training: bool):
         x = self.features(images, is_training)["stage4"]
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            if is_training and self.dropout_rate:
-                x = hk.dropout(hk.next_rng_key(), self.dropout_rate, x)
-            x = layers.Linear(self.num_classes, name="fc")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training,
+                                 dropout_rate=self.dropout_rate)
 
 
 def torch_name(path: str, config: Mapping[str, Any]) -> str:

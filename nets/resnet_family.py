@@ -308,11 +308,7 @@ class ResNet(hk.Module):
 
     def __call__(self, images, is_training: bool):
         x = self.features(images, is_training)["stage4"]
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            x = layers.Linear(self.num_classes, name="fc")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training)
 
 
 # ----------------------------------------------------------------------------------------------

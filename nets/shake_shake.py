@@ -188,11 +188,7 @@ class ShakeShakeResNet(hk.Module):
 
     def __call__(self, images, is_training: bool):
         x = jax.nn.relu(self.features(images, is_training)["stage3"])
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            x = layers.Linear(self.num_classes, b_init=jnp.zeros, name="fc")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training, b_init=jnp.zeros)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,11 +110,7 @@ class ShuffleNetV2(hk.Module):
         x = self.features(images, is_training)["stage4"]
         x = layers.Conv(self.stages_out_channels[4], 1, name="conv5_0")(x)
         x = jax.nn.relu(_bn(self.opts, "conv5_1")(x, is_training))
-        # Logits in float32 whatever the compute dtype.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes:
-            x = layers.Linear(self.num_classes, name="fc")(x)
-        return x
+        return layers.classifier(x, self.num_classes, is_training)
 
 
 def v2_torch_name(path: str, config: Mapping[str, Any]) -> str:

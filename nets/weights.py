@@ -42,7 +42,7 @@ class LoadResult(NamedTuple):
     unexpected: list[str]
 
 
-def _flatten(collection: str, tree) -> dict[str, Any]:
+def flatten(collection: str, tree) -> dict[str, Any]:
     return {f"{collection}/{module}/{leaf}": value
             for module, leaves in tree.items() for leaf, value in leaves.items()}
 
@@ -68,8 +68,8 @@ def save(path, params, state, *, model: str, num_classes: int | None = None,
     info = nets.model_info(model)
     if num_classes is None:
         num_classes = num_classes_of(model, params, overrides)
-    _check_against_model(model, num_classes, overrides,
-                         {**_flatten("params", params), **_flatten("state", state)}, strict=True,
+    check_against_model(model, num_classes, overrides,
+                         {**flatten("params", params), **flatten("state", state)}, strict=True,
                          header=f"these trees are not {model}'s (num_classes={num_classes}, "
                                 f"overrides={overrides}); nothing was written:")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -84,7 +84,7 @@ def save(path, params, state, *, model: str, num_classes: int | None = None,
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(_to_array(v))
-               for k, v in {**_flatten("params", params), **_flatten("state", state)}.items()}
+               for k, v in {**flatten("params", params), **flatten("state", state)}.items()}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
@@ -122,12 +122,13 @@ def read_metadata(path) -> dict[str, Any]:
     return meta
 
 
-def _check_against_model(name, num_classes, overrides, found, *, strict, header):
+def check_against_model(name, num_classes, overrides, found, *, strict, header):
     """(the model's flat tree of ShapeDtypeStructs, missing, unexpected) for `found`, a flat
-    {"params/<module>/<leaf>": array} dict; raises for shape mismatches always and, when
-    strict, for missing or unexpected names too."""
+    {"params/<module>/<leaf>": array} dict (`flatten`); raises one ValueError starting with
+    `header` for shape mismatches always and, when strict, for missing or unexpected names
+    too."""
     expected_params, expected_state = shapes(name, num_classes, **overrides)
-    expected = {**_flatten("params", expected_params), **_flatten("state", expected_state)}
+    expected = {**flatten("params", expected_params), **flatten("state", expected_state)}
     missing = [k for k in expected if k not in found]
     unexpected = sorted(k for k in found if k not in expected)
     mismatched = [f"{k}: file {tuple(np.shape(found[k]))} vs model {tuple(expected[k].shape)}"
@@ -174,7 +175,7 @@ def load(path, name: str | None = None, num_classes: int | None = None, strict: 
         f", {k}={v!r}" for k, v in sorted(meta["overrides"].items())) + ")"
     header = (f"{path} holds {saved}, not {model}:" if saved != model
               else f"{path} does not fit {model}:")
-    expected, missing, unexpected = _check_against_model(
+    expected, missing, unexpected = check_against_model(
         name, num_classes, overrides, tensors, strict=strict, header=header)
 
     def tree(collection):

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import optax
 
 import nets
 from training import steps, transfer
@@ -37,8 +38,7 @@ def kl_divergence(student_logits, teacher_logits, temperature: float):
     """Mean over the batch of KL(softmax(teacher / T) || softmax(student / T))."""
     log_p = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature, axis=-1)
     log_q = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
-    # exp(log_p) may underflow to 0 where log_p stays finite, so the product stays 0 (no 0 * inf).
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
+    return optax.losses.kl_divergence_with_log_targets(log_q, log_p).mean()
 
 
 def terms(student_logits, teacher_logits, targets, temperature: float,
@@ -91,21 +91,11 @@ def load_teacher(cfg, num_classes: int) -> tuple[Teacher, tuple[dict, dict]]:
         raise ValueError(f"the teacher {source.description} predicts {source.num_classes} "
                          f"classes, the data has {num_classes}: a teacher must predict the "
                          "student's classes (fine-tune it on this data first)")
-    expected = nets.convert.shapes(source.model, num_classes, **source.overrides)
-
-    def flat(trees):
-        return {f"{c}/{m}/{k}": v for c, tree in zip(("params", "state"), trees, strict=True)
-                for m, leaves in tree.items() for k, v in leaves.items()}
-
-    ours, theirs = flat(expected), flat((source.params, source.state))
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    mismatched = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in ours
-                  if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ValueError(nets.convert.mismatch_report(
-            f"{source.description} is incomplete for its model:", missing=missing,
-            mismatched=mismatched, unexpected=unexpected))
+    nets.weights.check_against_model(
+        source.model, num_classes, source.overrides,
+        {**nets.weights.flatten("params", source.params),
+         **nets.weights.flatten("state", source.state)},
+        strict=True, header=f"{source.description} is incomplete for its model:")
     model = nets.transformed(source.model, num_classes=num_classes, **source.overrides)
     teacher = Teacher(model, float(cfg.alpha), float(cfg.temperature), source.description)
     return teacher, (source.params, source.state)
