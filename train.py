@@ -76,12 +76,8 @@ def main(argv):
             training.NonFiniteLossError, training.ConfigError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    if results:
-        final = results.get("eval_ema", results["eval"])
-        label = "EMA params" if "eval_ema" in results else "params"
-        print(f"test accuracy ({label}): top-1 {100 * final['top1']:.2f}%, "
-              f"top-5 {100 * final['top5']:.2f}%")
-
+    if results.final_line:
+        print(results.final_line)
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -35,7 +35,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data import augment, decode, pipeline, randaugment, resize  # noqa: E402
+from data import augment, classification, decode, randaugment, resize, sampler  # noqa: E402
 
 # ImageNet's common shapes (height, width), most frequent first.
 SHAPES = ((375, 500), (333, 500), (500, 375), (500, 500), (400, 500), (281, 500))
@@ -147,14 +147,15 @@ def grain_runner(images: list[bytes], size: int, magnitude: float, batch: int, c
         std=(58.0, 57.0, 57.0), random_resized_crop=True, min_area=0.08, flip=True,
         mixup_alpha=0.2, cutmix=True, randaugment_layers=4, randaugment_magnitude=magnitude,
         augment_before_mix=False, num_classes=1000))
-    recipe = pipeline.Recipe.from_config(cfg)
-    make_batch = pipeline.TrainBatchMaker(source, recipe, pipeline.Sharding(batch, 0, 1), 0)
+    recipe = classification.Recipe.from_config(cfg)
+    make_batch = classification.TrainBatchMaker(source, recipe, sampler.Sharding(batch, 0, 1),
+                                                0)
     steps = len(images) // (2 * batch)
 
     def run():
         # Worker processes, one per core, as `data.workers` sets them; the first batch (worker
         # start-up) is not timed.
-        batches = pipeline._iterate(grain.MapDataset.range(steps + 1).map(make_batch), cores)
+        batches = sampler.iterate(grain.MapDataset.range(steps + 1).map(make_batch), cores)
         next(batches)
         start = time.perf_counter()
         for _ in range(steps):

@@ -83,7 +83,10 @@ def _model(spec: str):
 def _nfnet_optimizer(name):
     def make(params):
         return optim.nfnet_optimizer(nets.param_roles(name, params), 0.01,
-                                     stacked=nets.stacked_axes(name, params))
+                                     stacked=nets.stacked_axes(name, params),
+                                     decay_roles=(nets.registry.WEIGHT,
+                                                  nets.registry.CLASSIFIER_WEIGHT),
+                                     classifier_roles=nets.registry.CLASSIFIER_ROLES)
     return make
 
 
@@ -135,7 +138,7 @@ def main(argv=None):
     for spec in args.models:
         name, f, options = _model(spec)
         optimizer = _nfnet_optimizer(name) if args.agc else None
-        example = nets.convert.example_images(name, args.batch, args.size)  # clips for video
+        example = nets.introspect.example_images(name, args.batch, args.size)  # clips for video
         inputs = images if example.shape == images.shape else jnp.asarray(
             rng.normal(size=example.shape), jnp.float32)
         runs[spec], compile_s[spec], memory[spec] = _jax_step(f, inputs, labels, optimizer)

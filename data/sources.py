@@ -1,4 +1,5 @@
-"""Random-access sources of {"image": encoded bytes, "label": int} examples, without TensorFlow.
+"""Random-access sources of examples, without TensorFlow: each hands over the features a task
+asks for by name ({"image": encoded bytes, "label": int} for classification).
 
 - Any TFDS image-classification dataset prepared in array_record format, read with
   `tfds.data_source` and image decoding skipped (the pipeline decodes once it knows the crop).
@@ -117,18 +118,25 @@ class ImageFolderSource:
                 "label": self.labels[index]}
 
 
-def open_source(name: str, split: str, directory: str):
-    """A random-access source over examples {"image": encoded bytes, "label": int}."""
+def open_source(name: str, split: str, directory: str, *,
+                features: tuple[str, ...] = ("image", "label"), task: str = "classification"):
+    """A random-access source over examples holding (at least) `features`; images stay
+    encoded. A dataset without a feature the task (named in the error) needs is an error."""
     if name == IMAGE_FOLDER:
+        unknown = sorted(set(features) - {"image", "label"})
+        if unknown:
+            raise ValueError(f"an image folder has only 'image' and 'label'; the {task} task "
+                             f"needs {unknown} too")
         return ImageFolderSource.open(directory, split)
     builder = _builder(name, directory)
-    features = builder.info.features
-    if "image" not in features or "label" not in features:
-        raise ValueError(f"{name} is not an image-classification dataset with 'image' and "
-                         f"'label' features (it has {sorted(features)})")
+    available = builder.info.features
+    lacking = [f for f in features if f not in available]
+    if lacking:
+        raise ValueError(f"{name} has no {', '.join(map(repr, lacking))} feature, which the "
+                         f"{task} task needs (it has {sorted(available)})")
+    decoders = {"image": tfds.decode.SkipDecoding()} if "image" in available else None
     try:
-        return builder.as_data_source(split=split,
-                                      decoders={"image": tfds.decode.SkipDecoding()})
+        return builder.as_data_source(split=split, decoders=decoders)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         # Typically a dataset prepared as tfrecord only, which needs TensorFlow to read.
         raise _not_found(name, directory, f"it cannot be read as array_record: {error}") from None

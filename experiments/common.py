@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from nets.registry import BIAS, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, GAIN, WEIGHT
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -17,6 +19,7 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 def base() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with neutral defaults."""
     c = ml_collections.ConfigDict()
+    c.task = "classification"       # training/tasks.py: "classification" or "distillation"
     c.model = ""
     c.model_kwargs = ml_collections.ConfigDict()  # keyword overrides for nets.create
 
@@ -59,7 +62,8 @@ def base() -> ml_collections.ConfigDict:
         momentum=0.9,
         nesterov=False,
         weight_decay=1e-4,
-        decay_roles=("weight", "gain", "bias", "classifier_weight", "classifier_bias"),
+        # parameter roles (nets.registry.ROLES) with weight decay: all but skip gains
+        decay_roles=(WEIGHT, GAIN, BIAS, CLASSIFIER_WEIGHT, CLASSIFIER_BIAS),
         agc_clipping=0.01,          # sgd_agc only
         agc_eps=1e-3,
         rms_decay=0.9,              # rmsprop only
@@ -80,7 +84,7 @@ def base() -> ml_collections.ConfigDict:
     c.freeze = ()                   # regexes re.match-ed against module paths without the
                                     # root ("layer1_0.conv1"); zero updates, BN stats kept
 
-    # Knowledge distillation (training/distill.py); on when teacher_from is set.
+    # Knowledge distillation (training/distill.py): read by task "distillation".
     c.distill = ml_collections.ConfigDict(dict(
         teacher="",                 # the teacher's model; "": the one its weights are for
         teacher_from="",            # a nets.weights .safetensors file or a training workdir

@@ -26,6 +26,7 @@ REQUIRED = (("distill.teacher_from",
 
 def get_config(arg=None):
     c = mobilenet_v2.get_config(arg)
+    c.task = "distillation"
     c.required = REQUIRED
     c.distill.update(dict(teacher="resnet50", teacher_from="", teacher_ema=False, alpha=0.5,
                           temperature=4.0))

@@ -21,6 +21,7 @@ import ml_collections
 
 from experiments import common
 from nets.efficientnet import SCALING
+from nets.registry import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, WEIGHT
 
 
 def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,7 +50,7 @@ def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.update(dict(
         name="rmsprop", base_lr=0.016, lr_batch_base=256,   # 0.256 at batch 4096
         momentum=0.9, rms_decay=0.9, rms_eps=1e-3,
-        weight_decay=1e-5, decay_roles=("weight", "classifier_weight", "classifier_bias"),
+        weight_decay=1e-5, decay_roles=(WEIGHT, CLASSIFIER_WEIGHT, CLASSIFIER_BIAS),
         schedule="exponential", warmup_epochs=5.0, decay_epochs=2.4, decay_rate=0.97,
     ))
     c.ema_decay = 0.9999

@@ -10,6 +10,7 @@ side to 256 and centre-crops 224 (bilinear). The model's dropout 0.2 is torchvis
 from __future__ import annotations
 
 from experiments import common
+from nets.registry import BIAS, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, GAIN, WEIGHT
 
 
 def get_config(arg=None):
@@ -28,7 +29,7 @@ def get_config(arg=None):
     c.optimizer.update(dict(
         name="sgd", base_lr=0.045, lr_batch_base=256, momentum=0.9, nesterov=False,
         weight_decay=4e-5,
-        decay_roles=("weight", "gain", "bias", "classifier_weight", "classifier_bias"),
+        decay_roles=(WEIGHT, GAIN, BIAS, CLASSIFIER_WEIGHT, CLASSIFIER_BIAS),
         schedule="exponential", warmup_epochs=0.0, decay_epochs=1.0, decay_rate=0.98,
     ))
     c.log_every = 100

@@ -11,6 +11,7 @@ import ml_collections
 
 from experiments import common
 from nets.nfnet import DROP_RATE, RAND_AUGMENT_MAGNITUDE, TRAIN_TEST_SIZE
+from nets.registry import CLASSIFIER_WEIGHT, WEIGHT
 
 
 def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,7 +41,7 @@ def recipe(k: int, arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.update(dict(
         name="sgd_agc", base_lr=0.1, lr_batch_base=256,     # peak 1.6 at batch 4096
         momentum=0.9, nesterov=True,
-        weight_decay=2e-5, decay_roles=("weight", "classifier_weight"),
+        weight_decay=2e-5, decay_roles=(WEIGHT, CLASSIFIER_WEIGHT),
         agc_clipping=0.01, agc_eps=1e-3,    # every parameter but the classifier weight
         schedule="cosine", warmup_epochs=5.0,
     ))

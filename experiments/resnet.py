@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
+from nets.registry import BIAS, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, GAIN, WEIGHT
 
 
 def recipe(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +35,7 @@ def recipe(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.update(dict(
         name="sgd", base_lr=0.1, lr_batch_base=256, momentum=0.9, nesterov=False,
         weight_decay=1e-4,
-        decay_roles=("weight", "gain", "bias", "classifier_weight", "classifier_bias"),
+        decay_roles=(WEIGHT, GAIN, BIAS, CLASSIFIER_WEIGHT, CLASSIFIER_BIAS),
         schedule="step", warmup_epochs=0.0, step_epochs=(30.0, 60.0), step_factor=0.1,
     ))
     c.log_every = 100

@@ -5,6 +5,10 @@ Conversion is driven by our own parameter tree: every leaf of the model (found w
 changed (PyTorch OIHW -> HWIO, (out, in) -> (in, out); Keras' depthwise (k, k, C, 1) and 1x1
 dense convs reshaped) and its shape checked. Every one of our leaves must be found and every
 reference tensor used; otherwise the error lists what is missing, unexpected or mismatched.
+
+Converters only: the reference's names come from the variant's registry row (`torch_name`,
+`keras_name`, `official_name`), so no family module is imported here; the trees a model expects
+come from `nets.introspect`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import nets
-from nets import nfnet
+from nets import registry
+from nets.introspect import mismatch_report, shapes
 from nets.registry import module_path
 
 # Our leaf names -> PyTorch's parameter and buffer names.
@@ -30,29 +34,6 @@ _TORCH_LEAF = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias",
                "mean": "running_mean", "var": "running_var", "gain": "gain", "bias": "bias",
                "skip_gain": "skipinit_gain"}
 _TORCH_IGNORED = ("num_batches_tracked",)
-
-
-def example_images(name: str, batch: int = 1, size: int | None = None, **overrides):
-    """A `jax.ShapeDtypeStruct` for the variant's input (for eval_shape, init or tracing)."""
-    info = nets.model_info(name)
-    size = size or info.train_size
-    channels = overrides.get("in_channels", info.config.get("in_channels", 3))
-    frames = (info.num_frames,) if info.num_frames else ()  # video: [B, T, H, W, C]
-    return jax.ShapeDtypeStruct((batch, *frames, size, size, channels), jnp.float32)
-
-
-def shapes(name: str, num_classes: int = 1000, **overrides):
-    """(params, state) of the variant as trees of ShapeDtypeStructs, without computing.
-    `fused=True` (among the overrides): those of its inference form (`nets.fusion`)."""
-    f = nets.transformed(name, num_classes, **overrides)
-    init = functools.partial(f.init, is_training=not overrides.get("fused", False))
-    return jax.eval_shape(init, jax.random.key(0), example_images(name, **overrides))
-
-
-def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
-    """Trainable parameters of the variant, counted without computing anything."""
-    params, _ = shapes(name, num_classes, **overrides)
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
 def _torch_keys(info, module: str, leaf: str, config) -> list[str] | str:
@@ -81,24 +62,9 @@ def _from_torch_layout(t: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     return t
 
 
-def head_module(name: str, **overrides) -> str | None:
-    """The Haiku module path of the variant's classifier weight: the module that num_classes=1
-    has and num_classes=0 has not (eval_shape only)."""
-    with_head, _ = shapes(name, 1, **overrides)
-    without, _ = shapes(name, 0, **overrides)
-    return next((m for m, leaves in with_head.items() if m not in without and "w" in leaves),
-                None)
-
-
-def num_classes_of(name: str, params, overrides=None) -> int:
-    """The width of the head in `params` (0 without one)."""
-    weight = params.get(head_module(name, **(overrides or {})), {}).get("w")
-    return 0 if weight is None else int(np.shape(weight)[-1])
-
-
 def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
     """The checkpoint's head width (0 when it has no head)."""
-    module = head_module(name, **overrides)
+    module = registry.head_module(name, **overrides)
     if module is None:
         return 0
     key = key_fn(module, "w")
@@ -148,25 +114,12 @@ def _convert(name, tensors, key_fn, layout_fn, num_classes, overrides, what):
     return params, state
 
 
-def mismatch_report(header: str, *, missing=(), mismatched=(), unexpected=()) -> str:
-    """One message for names that do not fit: the header, then per kind its count and first 10
-    (a whole list can be thousands of names, which hides the few that matter)."""
-    lines = [header]
-    for title, items in (("missing", missing), ("shape mismatch", mismatched),
-                         ("unexpected", unexpected)):
-        if items:
-            shown = "; ".join(items[:10]) + (f"; ... {len(items) - 10} more"
-                                             if len(items) > 10 else "")
-            lines.append(f"  {title} ({len(items)}): {shown}")
-    return "\n".join(lines)
-
-
 def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
                **overrides):
     """Converts a PyTorch state dict of the variant's reference (torchvision / timm) into
     `(params, state)`. `state_dict` maps names to torch tensors or numpy arrays; a
     "module." prefix (DataParallel) is dropped. num_classes defaults to the checkpoint's."""
-    info = nets.model_info(name)
+    info = registry.model_info(name)
     if info.torch_name is None:
         raise ValueError(f"{name} ({info.reference}) has no PyTorch reference to convert from.")
     tensors = {}
@@ -197,8 +150,8 @@ def _flatten_official(tree) -> dict[str, np.ndarray]:
     return flat
 
 
-def _official_keys(module: str, leaf: str, config) -> str | list[str]:
-    names = nfnet.official_name(module_path(module), config)
+def _official_keys(info, module: str, leaf: str, config) -> str | list[str]:
+    names = info.official_name(module_path(module), config)
     if isinstance(names, str):
         return f"NFNet/{names}/{leaf}"
     return [f"NFNet/{n}/{leaf}" for n in names]
@@ -208,11 +161,11 @@ def from_nfnet_official(name: str, tree: Mapping[str, Any], num_classes: int | N
                         **overrides):
     """Loads a checkpoint of the official NFNet code (deepmind-research/nfnets: a Haiku params
     tree, nested or flat) into `(params, state)` of an NFNet variant."""
-    info = nets.model_info(name)
-    if info.family != "nfnet":
+    info = registry.model_info(name)
+    if info.official_name is None:
         raise ValueError(f"{name} is not an NFNet; the official NFNet layout does not apply.")
     tensors = _flatten_official(tree)
-    key_fn = functools.partial(_official_keys, config={**info.config, **overrides})
+    key_fn = functools.partial(_official_keys, info, config={**info.config, **overrides})
     if num_classes is None:
         num_classes = _infer_num_classes(name, tensors, key_fn, -1, overrides)
     return _convert(name, tensors, key_fn, lambda t, shape: t, num_classes, overrides,
@@ -221,12 +174,12 @@ def from_nfnet_official(name: str, tree: Mapping[str, Any], num_classes: int | N
 
 def to_nfnet_official(name: str, params, **overrides) -> dict[str, dict[str, np.ndarray]]:
     """Our NFNet parameters in the official code's layout and Haiku names, for export."""
-    info = nets.model_info(name)
+    info = registry.model_info(name)
     config = {**info.config, **overrides}
     out: dict[str, dict[str, np.ndarray]] = {}
     for module, leaves in params.items():
         for leaf, value in leaves.items():
-            keys = _official_keys(module, leaf, config)
+            keys = _official_keys(info, module, leaf, config)
             values = [value] if isinstance(keys, str) else list(value)
             for key, array in zip([keys] if isinstance(keys, str) else keys, values):
                 official_module = "/~/".join(key.split("/")[:-1])
@@ -323,10 +276,10 @@ def from_keras(name: str, weights, num_classes: int | None = None, **overrides):
     pre-logits conv; the result is then for `pre_logits=False` (pass it to nets.transformed,
     or use nets.transformed_features).
     """
-    info = nets.model_info(name)
+    info = registry.model_info(name)
     if info.keras_name is None:
-        keras_twins = [n for n in nets.list_models(f"*{name}*")
-                       if nets.model_info(n).keras_name is not None]
+        keras_twins = [n for n in registry.list_models(f"*{name}*")
+                       if registry.model_info(n).keras_name is not None]
         hint = (f" The Keras port (its own padding and BatchNorm constants) is "
                 f"{', '.join(keras_twins)}." if keras_twins else "")
         raise ValueError(f"{name} reproduces {info.reference}, not a keras.applications "

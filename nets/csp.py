@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 STAGE_KINDS = ("cross", "dark")
 BLOCKS = ("bottleneck", "dark")

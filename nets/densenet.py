@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo
+from nets.records import ModelInfo
 
 # torchvision's `nn.init.kaiming_normal_(w)` with its defaults: mode="fan_in" (not the fan_out
 # of its ResNets), gain sqrt(2), untruncated normal.

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 # (kernel, repeats, filters_in, filters_out, expand_ratio, stride) of the seven B0 stages; every
 # block has se_ratio 0.25 and an identity skip where shapes allow.

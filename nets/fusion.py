@@ -30,7 +30,7 @@ import haiku as hk
 import jax
 import numpy as np
 
-from nets import convert, deformable, layers
+from nets import deformable, introspect, layers, registry
 
 _CONVS = (layers.Conv, deformable.DeformableConv)
 
@@ -58,8 +58,6 @@ _PLANS: dict[str, Plan] = {}
 
 def plan(name: str, num_classes: int = 1000, **overrides) -> Plan:
     """The variant's `Plan`, from one abstract trace of its eval-mode forward (cached)."""
-    import nets
-
     key = json.dumps([name, num_classes, overrides], sort_keys=True, default=repr)
     if key in _PLANS:
         return _PLANS[key]
@@ -84,9 +82,9 @@ def plan(name: str, num_classes: int = 1000, **overrides) -> Plan:
 
     def forward(images):
         with hk.intercept_methods(record):
-            return nets.create(name, num_classes, **overrides)(images, is_training=False)
+            return registry.create(name, num_classes, **overrides)(images, is_training=False)
 
-    images = convert.example_images(name, 1, 64, **overrides)
+    images = introspect.example_images(name, 1, 64, **overrides)
     jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0), images)
     if len(set(folded.values())) != len(folded):
         raise RuntimeError(f"{name}: a conv feeds two BatchNorms; it cannot be fused")
@@ -111,7 +109,7 @@ def fuse(name: str, params, state, num_classes: int | None = None, **overrides):
     Leaves are NumPy float32 arrays; the fused state holds whatever is not BatchNorm's (usually
     nothing)."""
     if num_classes is None:
-        num_classes = convert.num_classes_of(name, params, overrides)
+        num_classes = introspect.num_classes_of(name, params, overrides)
     p = plan(name, num_classes, **overrides)
     missing = [m for m in p.eps if m not in state or m not in params]
     if missing:

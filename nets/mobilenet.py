@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 KERAS_V1_PAD = ((0, 1), (0, 1))
 # torchvision's classifier init (and the paper codebases'): N(0, 0.01), zero bias.

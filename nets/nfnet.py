@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 # §5: gamma such that gamma * f(x) has unit second moment for x ~ N(0, 1) (official base.py).
 GAMMA = {
@@ -318,7 +318,7 @@ def _variant(k: int, plus: bool) -> ModelInfo:
         reference_params=total, reference_params_no_head=total - head,
         reference_bn_stat_elems=0, train_size=train, test_size=test,
         preprocessing=_PREPROCESSING[k], classifier="linear", stacked_modules=r"stage\d_blocks\b",
-        torch_name=torch_name)
+        torch_name=torch_name, official_name=official_name)
 
 
 VARIANTS = tuple(_variant(k, plus) for plus in (False, True) for k in range(8))

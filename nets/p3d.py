@@ -53,7 +53,7 @@ import haiku as hk
 import jax
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = 4

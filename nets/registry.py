@@ -1,67 +1,197 @@
-"""The record each registered variant carries: its builder, its configuration row, the reference
-it reproduces, and the preprocessing it is evaluated with. Family modules declare variants as
-rows of `ModelInfo`; `nets/__init__.py` collects them."""
+"""The registry: every variant's `ModelInfo` row, the functions that find and build them, and the
+parameter-role vocabulary optimisers build their masks from.
+
+    nets.list_models("*resnet*")
+    f = nets.transformed("resnet50", num_classes=10)
+
+Family modules declare their variants as rows of `nets.records.ModelInfo` (re-exported here)
+and never import this module; this module imports every family and collects their rows.
+Modules above it (`introspect`, `convert`, `fusion`, `weights`) import it; it imports none of
+them at module level (`transformed(..., fused=True)` imports `nets.fusion` when called), so the
+module-level imports inside `nets/` form no cycle.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+import difflib
+import fnmatch
+import inspect
+import re
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import haiku as hk
 
+from nets import (csp, densenet, efficientnet, layers, mobilenet, nfnet, p3d, resnet_family,
+                  shake_shake, shufflenet)
+from nets.records import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocessing, module_path
 
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How images are prepared for this model: normalisation and the eval resize-and-crop.
-
-    Eval resizes the shorter side to test_size / crop_fraction and centre-crops test_size.
-    """
-
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_fraction: float = 0.875
-    interpolation: str = "bilinear"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """A registered variant.
-
-    `reference` names the implementation the variant reproduces ("torchvision:resnet50",
-    "timm:resnet50d", "paper:..."); the reference_* counts are that implementation's, with the
-    1000-class head (`reference_params`), without it, and its BatchNorm running-statistic
-    elements (means + variances). `torch_name` maps one of our module paths (dotted, without the
-    root module) to the reference's PyTorch module name; it is what weight conversion uses.
-    """
-
-    name: str
-    family: str
-    builder: Callable[..., Any]
-    config: Mapping[str, Any]
-    reference: str
-    reference_params: int | None = None
-    reference_params_no_head: int | None = None
-    reference_bn_stat_elems: int | None = None
-    train_size: int = 224
-    test_size: int = 224
-    preprocessing: Preprocessing = Preprocessing()
-    feature_strides: tuple[int, ...] = (4, 8, 16, 32)
-    # Video models: the clip length their inputs [B, T, H, W, C] have; None for image models.
-    num_frames: int | None = None
-    classifier: str = "fc"  # the head's module name, under the root module
-    # Our module paths (dotted, without the root) whose parameters stack blocks along a
-    # leading axis (hk.layer_stack); a regular expression matched at the path's start.
-    stacked_modules: str | None = None
-    torch_name: Callable[[str, Mapping[str, Any]], str] | None = None
-    # Likewise our module path -> the Keras layer name, and the keras.applications constructor
-    # of the reference (for `nets.convert.from_keras`).
-    keras_name: Callable[[str, Mapping[str, Any]], str] | None = None
-    keras_builder: str | None = None
+_FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet, densenet, csp, p3d,
+             shake_shake)
+_MODELS: dict[str, ModelInfo] = {}
+for _family in _FAMILIES:
+    for _info in _family.VARIANTS:
+        if _info.name in _MODELS:
+            raise RuntimeError(f"model {_info.name!r} is registered twice")
+        _MODELS[_info.name] = _info
 
 
-def module_path(haiku_path: str) -> str:
-    """A Haiku module path without its root module and "~" scope markers, dotted:
-    "resnet/~/layer1_0/conv1" -> "layer1_0.conv1". Registry name functions take these."""
-    return ".".join(p for p in haiku_path.split("/")[1:] if not p.startswith("~"))
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered variants matching an fnmatch pattern."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} nets.list_models() lists all "
+                         f"{len(_MODELS)}.") from None
+
+
+def check_overrides(info: ModelInfo, overrides: dict) -> None:
+    accepted = [p for p in inspect.signature(info.builder).parameters if p != "self"]
+    for key in overrides:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise TypeError(f"{info.name} has no option {key!r}.{hint} Options: "
+                            f"{', '.join(accepted)}.")
+
+
+def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
+    """Builds the variant's module (call inside a Haiku transform). `overrides` replace entries
+    of the variant's configuration (e.g. stochastic_depth_rate=0.1)."""
+    info = model_info(name)
+    check_overrides(info, overrides)
+    return info.builder(**{**info.config, "num_classes": num_classes, **overrides})
+
+
+def _fusion_of(name: str, num_classes: int, overrides: dict) -> layers.Fusion:
+    from nets import fusion  # fusion builds on this module; imported on use, not at load
+
+    return fusion.plan(name, num_classes, **overrides).fusion
+
+
+def transformed(name: str, num_classes: int = 1000, *, fused: bool = False,
+                **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits.
+    fused=True: the inference form with every BatchNorm folded into its conv, for the
+    parameters `nets.fusion.fuse` returns (eval mode only)."""
+    check_overrides(model_info(name), overrides)
+    fusing = _fusion_of(name, num_classes, overrides) if fused else None
+
+    def forward(images, is_training: bool):
+        with layers.fused(fusing):
+            return create(name, num_classes, **overrides)(images, is_training=is_training)
+
+    return hk.transform_with_state(forward)
+
+
+def transformed_features(name: str, *, fused: bool = False,
+                         **overrides) -> hk.TransformedWithState:
+    """`hk.transform_with_state` of `features(images, is_training)`: the per-stage maps
+    (fused=True as in `transformed`, for the parameters `nets.fusion.fuse(name, ...)` gives
+    with num_classes=0)."""
+    check_overrides(model_info(name), overrides)
+    fusing = _fusion_of(name, 0, overrides) if fused else None
+
+    def forward(images, is_training: bool):
+        with layers.fused(fusing):
+            return create(name, 0, **overrides).features(images, is_training=is_training)
+
+    return hk.transform_with_state(forward)
+
+
+# ----------------------------------------------------------------------------------------------
+# The head.
+
+
+def head_module(name: str, **overrides) -> str | None:
+    """The Haiku module path of the variant's classifier ("resnet/fc"), as the keys of its
+    params tree spell it: the root module's Haiku name and the head the registry entry declares
+    (`ModelInfo.classifier`), the one place a head is declared. None for a model without a
+    classifier. (The root's name comes from constructing the module, which computes nothing.)"""
+    info = model_info(name)
+    if info.classifier is None:
+        return None
+    root = hk.transform(lambda: create(name, 1, **overrides).module_name).apply({}, None)
+    return f"{root}/{info.classifier}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter roles: the one vocabulary optimiser masks are built from (training/optimizers.py,
+# optim/ through its arguments, experiments' decay_roles).
+
+WEIGHT = "weight"                        # conv kernels, dense weights
+GAIN = "gain"                            # WS gains, BatchNorm scales
+BIAS = "bias"                            # biases, BatchNorm offsets
+SKIP_GAIN = "skip_gain"                  # NFNet's skip-init gains
+CLASSIFIER_WEIGHT = "classifier_weight"  # the head's (`head_module`) weight ...
+CLASSIFIER_BIAS = "classifier_bias"      # ... and bias
+ROLES = (WEIGHT, GAIN, BIAS, SKIP_GAIN, CLASSIFIER_WEIGHT, CLASSIFIER_BIAS)
+CLASSIFIER_ROLES = (CLASSIFIER_WEIGHT, CLASSIFIER_BIAS)  # the head's (weight, bias) roles
+# A role of the head's leaves: the classifier form of the role the leaf has elsewhere.
+_CLASSIFIER_ROLES = {WEIGHT: CLASSIFIER_WEIGHT, BIAS: CLASSIFIER_BIAS}
+
+# The role of each leaf name our layers give their parameters. A layer that introduces a new
+# leaf name declares its role here (code outside this package: `declare_leaf_role`).
+LEAF_ROLES: dict[str, str] = {"w": WEIGHT, "b": BIAS, "gain": GAIN, "bias": BIAS,
+                              "scale": GAIN, "offset": BIAS, "skip_gain": SKIP_GAIN}
+
+
+def declare_leaf_role(leaf: str, role: str) -> None:
+    """Declares the role of parameters named `leaf` (for a layer defined outside `nets/`; the
+    package's own layers declare theirs in `LEAF_ROLES` above). Re-declaring the same role is a
+    no-op; another role for a known leaf is an error."""
+    base_roles = [r for r in ROLES if r not in CLASSIFIER_ROLES]
+    if role not in base_roles:
+        raise ValueError(f"role {role!r} for leaf {leaf!r}: expected one of "
+                         f"{', '.join(base_roles)} (the head's roles follow from these)")
+    if LEAF_ROLES.get(leaf, role) != role:
+        raise ValueError(f"leaf {leaf!r} already has the role {LEAF_ROLES[leaf]!r}")
+    LEAF_ROLES[leaf] = role
+
+
+def param_roles(name: str, params):
+    """The role of every parameter, for optimiser masks: one of `ROLES` - "weight" (conv
+    kernels and dense weights), "gain" (WS gains, BN scales), "bias", "skip_gain", and
+    "classifier_weight" / "classifier_bias" for the head (`head_module`)."""
+    head = head_module(name)
+
+    def role(module, leaf):
+        if leaf not in LEAF_ROLES:
+            raise ValueError(
+                f"{name}: parameter {module}/{leaf} has the leaf name {leaf!r}, which has no "
+                f"declared role; declare it in LEAF_ROLES in nets/registry.py (or call "
+                f"nets.declare_leaf_role({leaf!r}, role) for a layer outside nets/), role one "
+                f"of {', '.join(r for r in ROLES if r not in CLASSIFIER_ROLES)}.")
+        base = LEAF_ROLES[leaf]
+        if module == head:
+            if base not in _CLASSIFIER_ROLES:
+                raise ValueError(f"{name}: the head's parameter {module}/{leaf} has the role "
+                                 f"{base!r}; a head has only weights and biases.")
+            return _CLASSIFIER_ROLES[base]
+        return base
+
+    return {module: {leaf: role(module, leaf) for leaf in leaves}
+            for module, leaves in params.items()}
+
+
+def stacked_axes(name: str, params):
+    """For every parameter, how many leading axes stack blocks (hk.layer_stack): 0 or 1."""
+    pattern = model_info(name).stacked_modules
+
+    def count(module):
+        return int(bool(pattern and re.match(pattern, module_path(module))))
+
+    return {module: {leaf: count(module) for leaf in leaves}
+            for module, leaves in params.items()}
+
+
+__all__ = ["BIAS", "CLASSIFIER_BIAS", "CLASSIFIER_ROLES", "CLASSIFIER_WEIGHT", "GAIN",
+           "IMAGENET_MEAN", "IMAGENET_STD", "LEAF_ROLES", "ModelInfo", "Preprocessing", "ROLES",
+           "SKIP_GAIN",
+           "WEIGHT", "check_overrides", "create", "declare_leaf_role", "head_module",
+           "list_models", "model_info", "module_path", "param_roles", "stacked_axes",
+           "transformed", "transformed_features"]

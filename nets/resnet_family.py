@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import attention, deformable, layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = {"basic": 1, "bottleneck": 4}

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 FORWARD = ("shake", "even")
 BACKWARD = ("shake", "even", "keep")

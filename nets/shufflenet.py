@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.registry import ModelInfo, Preprocessing
+from nets.records import ModelInfo, Preprocessing
 
 
 def _bn(opts, name):

@@ -9,7 +9,7 @@ under "state/<module path>/<leaf>" (the module paths are the keys of the trees H
 "resnet/layer1_0/conv1"), floating leaves as float32. Its string metadata names the model, its
 num_classes and overrides (JSON), the preprocessing it is evaluated with, and the format version,
 so that a file alone says how to rebuild and feed its model. The tree a model expects comes from
-`nets.convert.shapes` (jax.eval_shape: nothing is compiled or computed).
+`nets.introspect.shapes` (jax.eval_shape: nothing is compiled or computed).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import nets
-from nets.convert import mismatch_report, num_classes_of, shapes
+from nets import registry
+from nets.introspect import mismatch_report, num_classes_of, shapes
 
 FORMAT = "convnets.weights"
 FORMAT_VERSION = "1"
@@ -65,7 +65,7 @@ def save(path, params, state, *, model: str, num_classes: int | None = None,
     the model first, so a file that `load` would refuse is never written.
     """
     overrides = dict(overrides or {})
-    info = nets.model_info(model)
+    info = registry.model_info(model)
     if num_classes is None:
         num_classes = num_classes_of(model, params, overrides)
     check_against_model(model, num_classes, overrides,
@@ -190,62 +190,3 @@ def load(path, name: str | None = None, num_classes: int | None = None, strict: 
     if strict:
         return params, state
     return LoadResult(params, state, missing, unexpected)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints (training/checkpoint.py: orbax, items "state", "data", "meta").
-
-
-def _checkpoint_dir(path) -> tuple[str, int | None]:
-    """(the orbax checkpoints directory, the step) for a workdir, its checkpoints directory or
-    one step's directory."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(os.path.basename(path))
-    return path, None
-
-
-def from_checkpoint(path, *, step: int | None = None, ema: bool = False):
-    """`(name, params, state)` of a training run: `path` is its workdir, its checkpoints
-    directory or one step's directory; the newest step unless `step` says (or the path names
-    one). ema=True takes the EMA parameters and statistics (the ones the NFNet paper reports).
-    The run's num_classes and overrides are in `checkpoint_model(path)`."""
-    import orbax.checkpoint as ocp
-
-    directory, path_step = _checkpoint_dir(path)
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-    step = step if step is not None else path_step
-    step = step if step is not None else manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    manager.close()
-    train_state, signature = restored["state"], restored["meta"]["signature"]
-    prefix = "ema_" if ema else ""
-    if ema and train_state.get("ema_params") is None:
-        raise ValueError(f"the checkpoint at step {step} in {directory} keeps no EMA "
-                         "(the run's config had none); use ema=False.")
-    to_tree = lambda t: {m: {k: jnp.asarray(v) for k, v in leaves.items()}
-                         for m, leaves in t.items()}
-    return (signature["model"], to_tree(train_state[prefix + "params"]),
-            to_tree(train_state[prefix + "model_state"]))
-
-
-def checkpoint_model(path, *, step: int | None = None) -> dict[str, Any]:
-    """What a training checkpoint was built as: {"model", "num_classes", "overrides", "step"}."""
-    import orbax.checkpoint as ocp
-
-    directory, path_step = _checkpoint_dir(path)
-    manager = ocp.CheckpointManager(directory, item_names=("meta",))
-    step = step if step is not None else path_step
-    step = step if step is not None else manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    signature = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]["signature"]
-    manager.close()
-    return {"model": signature["model"], "num_classes": signature["num_classes"],
-            "overrides": signature["model_kwargs"], "step": step}

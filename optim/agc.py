@@ -1,18 +1,18 @@
 """Adaptive gradient clipping and the NFNet optimizer (../shared/reference/nfnet_spec.md §10).
 
 The optimiser's parameter groups come from roles the model declares for its leaves
-(`nets.param_roles`: "weight", "gain", "bias", "skip_gain", "classifier_weight",
-"classifier_bias"), not from substring matches on names.
+(`nets.param_roles`, whose vocabulary is `nets.registry.ROLES`), not from substring matches on
+names. This package imports no project code, so the role names it acts on are arguments: the
+caller passes them from that vocabulary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import optax
-
-DECAYED_ROLES = ("weight", "classifier_weight")
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3, mask: Any = None,
@@ -43,13 +43,16 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, mask: Any = None,
 def nfnet_optimizer(roles: Any, learning_rate: optax.ScalarOrSchedule, *, stacked: Any = None,
                     clipping: float = 0.01, eps: float = 1e-3, weight_decay: float = 2e-5,
                     momentum: float = 0.9, clip_classifier_bias: bool = True,
-                    decay_roles=DECAYED_ROLES) -> optax.GradientTransformation:
+                    decay_roles: Sequence[str],
+                    classifier_roles: tuple[str, str]) -> optax.GradientTransformation:
     """SGD-AGC of the NFNet paper: AGC on every parameter but the classifier weight, then
-    coupled weight decay on weights only (not gains, biases or skip gains), then SGD with
-    Nesterov momentum. The paper says not to clip the final linear layer; the official code
-    excludes only its weight and clips its bias: `clip_classifier_bias` chooses (default: as
-    the code)."""
-    unclipped = ("classifier_weight",) + (() if clip_classifier_bias else ("classifier_bias",))
+    coupled weight decay on the leaves whose role is in `decay_roles` (the paper: weights only,
+    not gains, biases or skip gains), then SGD with Nesterov momentum. `classifier_roles`: the
+    roles of the classifier's (weight, bias). The paper says not to clip the final linear layer;
+    the official code excludes only its weight and clips its bias: `clip_classifier_bias`
+    chooses (default: as the code)."""
+    weight_role, bias_role = classifier_roles
+    unclipped = (weight_role,) + (() if clip_classifier_bias else (bias_role,))
     clip_mask = jax.tree.map(lambda role: role not in unclipped, roles)
     decay_mask = jax.tree.map(lambda role: role in decay_roles, roles)
     return optax.chain(

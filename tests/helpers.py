@@ -1,12 +1,25 @@
 """Shared test utilities: counting leaves and jitted applies shared across tests."""
 
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import nets
+
+
+# The reference figures the tests check against, kept in the repository; tests/reference/README.md
+# names where each file's numbers come from.
+REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "reference"
+
+
+@functools.cache
+def reference_figures(filename: str):
+    """The parsed tests/reference/<filename> (params.json, nfnet_official.json, ...)."""
+    return json.loads((REFERENCE_DIR / filename).read_text())
 
 
 def count(tree) -> int:
@@ -50,15 +63,15 @@ def assert_counts_equal_the_registry(name):
     """Parameters with and without the head and BN statistic elements (per-channel vectors),
     counted without compiling, equal the registry's reference figures."""
     info = nets.model_info(name)
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
+    params, state = nets.introspect.shapes(name, 1000)
+    no_head, _ = nets.introspect.shapes(name, 0)
     assert (count(params), count(no_head), count(state)) == (
         info.reference_params, info.reference_params_no_head, info.reference_bn_stat_elems)
     assert {leaf.ndim for leaf in jax.tree.leaves(state)} <= {1}
 
 
 def assert_registry_figures_are_the_tables(name, reference_counts):
-    """The registry's figures are ../shared/reference/params.json's row of its reference."""
+    """The registry's figures are tests/reference/params.json's row of its reference."""
     info = nets.model_info(name)
     row = reference_counts[tuple(info.reference.split(":"))]
     assert (info.reference_params, info.reference_params_no_head,

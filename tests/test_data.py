@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from data import builtin, decode, pipeline, sources
+from data import builtin, classification, decode, sampler, sources
 
 GLOBAL_BATCH = 64
 
@@ -174,41 +174,42 @@ def test_epoch_permutation_covers_split_once(digits_dir):
     num_examples, steps_per_epoch = 1437, 1437 // GLOBAL_BATCH
     seen = {0: [], 1: []}
     for process_index in (0, 1):
-        sharding = pipeline.Sharding(GLOBAL_BATCH, process_index, 2)
+        sharding = sampler.Sharding(GLOBAL_BATCH, process_index, 2)
         for step in range(steps_per_epoch):
-            _, indices = pipeline.stream_examples(7, step, sharding, num_examples)
+            _, indices = sampler.stream_examples(7, step, sharding, num_examples)
             seen[process_index].extend(indices.tolist())
     everything = seen[0] + seen[1]
     assert not set(seen[0]) & set(seen[1])
     assert len(everything) == len(set(everything)) == steps_per_epoch * GLOBAL_BATCH
     assert set(everything) <= set(range(num_examples))
     # The next epoch draws a new permutation.
-    sharding = pipeline.Sharding(GLOBAL_BATCH, 0, 1)
-    _, first = pipeline.stream_examples(7, 0, sharding, num_examples)
-    _, next_epoch = pipeline.stream_examples(7, steps_per_epoch, sharding, num_examples)
+    sharding = sampler.Sharding(GLOBAL_BATCH, 0, 1)
+    _, first = sampler.stream_examples(7, 0, sharding, num_examples)
+    _, next_epoch = sampler.stream_examples(7, steps_per_epoch, sharding, num_examples)
     assert not np.array_equal(first, next_epoch)
     # Rows that mix read two consecutive stream examples each: an epoch takes half the steps.
-    positions, pairs = pipeline.stream_examples(7, 1, sharding, num_examples, 2)
+    positions, pairs = sampler.stream_examples(7, 1, sharding, num_examples, 2)
     np.testing.assert_array_equal(positions, np.arange(2 * GLOBAL_BATCH, 4 * GLOBAL_BATCH))
-    np.testing.assert_array_equal(pairs, pipeline.epoch_permutation(7, 0, num_examples)[
+    np.testing.assert_array_equal(pairs, sampler.epoch_permutation(7, 0, num_examples)[
         2 * GLOBAL_BATCH:4 * GLOBAL_BATCH])
-    _, wrapped = pipeline.stream_examples(7, 1437 // (2 * GLOBAL_BATCH), sharding, num_examples,
+    _, wrapped = sampler.stream_examples(7, 1437 // (2 * GLOBAL_BATCH), sharding, num_examples,
                                           2)
-    np.testing.assert_array_equal(wrapped, pipeline.epoch_permutation(7, 1, num_examples)[
+    np.testing.assert_array_equal(wrapped, sampler.epoch_permutation(7, 1, num_examples)[
         :2 * GLOBAL_BATCH])
 
 
 def test_batches_hold_the_permuted_examples(digits_dir):
     cfg = make_cfg(digits_dir, random_resized_crop=False, flip=False)
-    sharding = pipeline.Sharding(GLOBAL_BATCH, 1, 2)
+    sharding = sampler.Sharding(GLOBAL_BATCH, 1, 2)
     iterator = data.train_iterator(cfg, global_batch=GLOBAL_BATCH, seed=5, process_index=1,
                                    process_count=2)
     iterator.set_state({"step": 4, "seed": 5, "global_batch": GLOBAL_BATCH})
     batch = next(iterator)
-    _, indices = pipeline.stream_examples(5, 4, sharding, 1437)
+    _, indices = sampler.stream_examples(5, 4, sharding, 1437)
     source = sources.open_source("sklearn_digits", "train", digits_dir)
-    recipe = pipeline.Recipe.from_config(cfg)
-    expected = np.stack([pipeline.eval_image(source[int(i)]["image"], recipe) for i in indices])
+    recipe = classification.Recipe.from_config(cfg)
+    expected = np.stack([classification.eval_image(source[int(i)]["image"], recipe)
+                         for i in indices])
     np.testing.assert_array_equal(batch["images"], expected)
     labels = [source[int(i)]["label"] for i in indices]
     np.testing.assert_array_equal(batch["targets"].argmax(1), labels)
@@ -243,10 +244,10 @@ def test_worker_processes_give_the_same_batches(digits_dir):
 
 
 def test_worker_count():
-    assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3
-    assert pipeline.worker_count(-1) == os.cpu_count()
+    assert sampler.worker_count(0) == 0 and sampler.worker_count(3) == 3
+    assert sampler.worker_count(-1) == os.cpu_count()
     with pytest.raises(ValueError, match="data.workers must be -1"):
-        pipeline.worker_count(-2)
+        sampler.worker_count(-2)
 
 
 def test_config_errors(digits_dir):
@@ -302,12 +303,13 @@ def test_mixed_rows_pair_consecutive_stream_examples():
                    random_resized_crop=False, flip=False, mixup_alpha=0.2, cutmix=True,
                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), train_size=16, test_size=16)
     source = constant_source(20)
-    sharding = pipeline.Sharding(4, 1, 2)
-    make_batch = pipeline.TrainBatchMaker(source, pipeline.Recipe.from_config(cfg), sharding, 3)
+    sharding = sampler.Sharding(4, 1, 2)
+    make_batch = classification.TrainBatchMaker(source, classification.Recipe.from_config(cfg),
+                                                sharding, 3)
     kinds = set()
     for step in range(2):
         batch = make_batch(step)
-        _, indices = pipeline.stream_examples(3, step, sharding, 20, examples_per_row=2)
+        _, indices = sampler.stream_examples(3, step, sharding, 20, examples_per_row=2)
         for i, row in enumerate(sharding.global_positions(step)):
             first, second = indices[2 * i], indices[2 * i + 1]
             image, target = batch["images"][i], batch["targets"][i]
@@ -335,9 +337,9 @@ def test_randaugment_runs_after_mixing_by_default():
         cfg = make_cfg("", num_classes=20, random_resized_crop=False, flip=False,
                        mixup_alpha=0.2, randaugment_layers=2, randaugment_magnitude=9.0,
                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **overrides)
-        recipe = pipeline.Recipe.from_config(cfg)
-        return pipeline.TrainBatchMaker(constant_source(20, 32), recipe,
-                                        pipeline.Sharding(2, 0, 1), 0)(0)["images"]
+        recipe = classification.Recipe.from_config(cfg)
+        return classification.TrainBatchMaker(constant_source(20, 32), recipe,
+                                        sampler.Sharding(2, 0, 1), 0)(0)["images"]
 
     after, before = batch(), batch(augment_before_mix=True)
     # RandAugment's uint8 output is whole numbers; MixUp afterwards blends them into fractions.
@@ -460,3 +462,12 @@ def test_eval_preprocessor_matches_eval_batches(digits_dir):
     np.testing.assert_array_equal(batch["images"], expected)
     # Decoded arrays go through the same steps as encoded bytes.
     np.testing.assert_array_equal(preprocess(decode.decode(source[0]["image"])), expected[0])
+
+
+def test_sources_hand_over_the_features_a_task_asks_for(digits_dir):
+    images_only = sources.open_source("sklearn_digits", "test", digits_dir, features=("image",),
+                                      task="self-supervised")
+    assert len(images_only) == 360 and "image" in images_only[0]
+    with pytest.raises(ValueError, match="no 'objects' feature, which the detection task needs"):
+        sources.open_source("sklearn_digits", "test", digits_dir, features=("image", "objects"),
+                            task="detection")

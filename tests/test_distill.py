@@ -144,8 +144,8 @@ def setup():
 
 
 def test_no_gradient_reaches_the_teacher(setup):
-    loss_fn = steps.objective(setup["model"], dtype=jnp.float32, label_smoothing=0.0,
-                              teacher=setup["teacher"])
+    loss_fn = distill.objective(setup["model"], setup["teacher"], dtype=jnp.float32,
+                                label_smoothing=0.0)
     state = setup["state"]
 
     def teacher_loss(teacher_variables):
@@ -162,9 +162,10 @@ def test_no_gradient_reaches_the_teacher(setup):
 
 def test_train_step_distils_from_the_eval_mode_teacher(setup):
     mesh = setup["mesh"]
-    step = steps.train_step(setup["model"], setup["optimizer"], setup["schedule"],
-                            dtype=jnp.float32, label_smoothing=0.0, ema_decay=0.0, mesh=mesh,
-                            teacher=setup["teacher"])
+    loss = distill.objective(setup["model"], setup["teacher"], dtype=jnp.float32,
+                             label_smoothing=0.0)
+    step = steps.train_step(loss, setup["optimizer"], setup["schedule"], ema_decay=0.0,
+                            mesh=mesh, extra=True)
     teacher_variables = jax.device_put(setup["teacher_variables"], distributed.replicated(mesh))
     copies = jax.device_get(teacher_variables)
     state = jax.tree.map(lambda x: x.copy(), setup["state"])    # the step donates its state
@@ -210,6 +211,10 @@ def test_train_run_checks_the_teacher_before_reading_data(tmp_path):
     config.model, config.data.num_classes, config.data.train_size = "resnet18", 10, SIZE
     config.data.data_dir = str(tmp_path)    # no dataset there: the config errors come first
     config.distill.teacher_from = str(path)
+    with pytest.raises(loop.ConfigError, match="config.distill is read by the distillation "
+                                               "task: add --config.task=distillation"):
+        loop.run(config, str(tmp_path / "run"))
+    config.task = "distillation"
     with pytest.raises(loop.ConfigError, match="predicts 12 classes, the data has 10"):
         loop.run(config, str(tmp_path / "run"))
     config.distill.teacher = "resnet34"

@@ -27,8 +27,8 @@ def test_all_eight_variants_are_registered_with_the_papers_resolutions():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_counts_equal_the_reference_table(name, reference_counts):
     info = nets.model_info(name)
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
+    params, state = nets.introspect.shapes(name, 1000)
+    no_head, _ = nets.introspect.shapes(name, 0)
     row = reference_counts[("torchvision", name)]
     assert count(params) == info.reference_params == row["params_with_head"]
     assert count(no_head) == info.reference_params_no_head == row["params_no_head"]
@@ -63,13 +63,13 @@ def test_compound_scaling_rounds_widths_and_depths_as_the_reference():
         32, 16, 24, 48, 88, 120, 208, 352, 1408]
     assert [efficientnet.round_repeats(r, 3.1) for r in (1, 2, 2, 3, 3, 4, 1)] == [
         4, 7, 7, 10, 10, 13, 4]
-    params, _ = nets.convert.shapes("efficientnet_b7", 1000)
+    params, _ = nets.introspect.shapes("efficientnet_b7", 1000)
     blocks = {m.split("/")[1] for m in params if "/block" in m}
     assert len(blocks) == 55  # 4 + 7 + 7 + 10 + 10 + 13 + 4
 
 
 def test_se_width_comes_from_the_block_input_not_the_expansion():
-    params, _ = nets.convert.shapes("efficientnet_b0", 1000)
+    params, _ = nets.introspect.shapes("efficientnet_b0", 1000)
     # block2a: 16 -> (x6 = 96) -> 24; SE reduces 96 channels to int(16 * 0.25) = 4.
     assert params["efficientnet/block2a/se/reduce"]["w"].shape == (96, 4)
     assert params["efficientnet/block2b/se/reduce"]["w"].shape == (144, 6)

@@ -9,7 +9,7 @@ import pytest
 
 import nets
 from experiments import common
-from nets.nfnet import DROP_RATE, RAND_AUGMENT_MAGNITUDE, TRAIN_TEST_SIZE
+from tests.helpers import reference_figures
 from training import optimizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,31 +44,37 @@ def test_config_is_complete_and_buildable(name, arg):
 
 @pytest.mark.parametrize("k", range(8))
 def test_nfnet_recipe_is_the_papers(k):
+    """The official code's recipe (tests/reference/nfnet_official.json: its variant table and
+    its training recipe, the same for every variant)."""
+    official = reference_figures("nfnet_official.json")
+    variant, r = official["variant_table"]["variants"][f"F{k}"], official["recipe"]
     c = load(f"nfnet_f{k}")
     assert c.model == f"nfnet_f{k}" and load(f"nfnet_f{k}", "plus").model == f"nfnet_f{k}plus"
-    assert (c.batch_size, c.num_epochs, c.label_smoothing, c.ema_decay) == (4096, 360, 0.1, 0.99999)
-    assert (c.data.train_size, c.data.test_size) == TRAIN_TEST_SIZE[k]
-    assert c.model_kwargs.drop_rate == DROP_RATE[k]
-    assert c.model_kwargs.stochastic_depth_rate == 0.25
-    assert (c.data.mixup_alpha, c.data.cutmix) == (0.2, True)
+    assert (c.batch_size, c.num_epochs, c.label_smoothing, c.ema_decay) == (
+        r["batch_size"], r["epochs"], r["label_smoothing"], r["ema_decay"])
+    assert (c.data.train_size, c.data.test_size) == (variant["train_px"], variant["test_px"])
+    assert c.model_kwargs.drop_rate == variant["dropout"]
+    assert c.model_kwargs.stochastic_depth_rate == r["stochastic_depth_rate"]
+    assert (c.data.mixup_alpha, c.data.cutmix) == (r["mixup_alpha"], r["cutmix"])
     assert (c.data.randaugment_layers, c.data.randaugment_magnitude) == (
-        4, RAND_AUGMENT_MAGNITUDE[k])
+        variant["randaugment_layers"], variant["randaugment_magnitude"])
     assert (c.data.eval_preprocess, c.data.interpolation) == ("resize_crop_32", "bicubic")
     assert c.compute_dtype == "auto"
     o = c.optimizer
     assert (o.name, o.momentum, o.nesterov, o.weight_decay, o.agc_clipping) == (
-        "sgd_agc", 0.9, True, 2e-5, 0.01)
+        "sgd_agc", r["momentum"], r["nesterov"], r["weight_decay"], r["agc_clipping"])
     assert set(o.decay_roles) == {"weight", "classifier_weight"}
 
-    # §11: peak 1.6 at batch 4096, linear warm-up over 5 epochs from 0, cosine to 0.
+    # Peak 1.6 at batch 4096, linear warm-up over 5 epochs from 0, cosine to 0.
+    assert common.IMAGENET_TRAIN_EXAMPLES == r["imagenet_train_examples"]
     steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / c.batch_size
     total = int(common.IMAGENET_TRAIN_EXAMPLES * c.num_epochs // c.batch_size)
-    assert total == 112_602
+    assert total == r["training_steps"]
     lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, total)
-    warmup = 5 * steps_per_epoch
+    warmup = r["warmup_epochs"] * steps_per_epoch
     assert float(lr(0)) == 0.0
-    assert float(lr(warmup)) == pytest.approx(1.6, rel=1e-6)
-    assert float(lr(warmup / 2)) == pytest.approx(0.8, rel=1e-6)
+    assert float(lr(warmup)) == pytest.approx(r["peak_lr"], rel=1e-6)
+    assert float(lr(warmup / 2)) == pytest.approx(r["peak_lr"] / 2, rel=1e-6)
     assert float(lr(total)) == pytest.approx(0.0, abs=1e-6)
 
 

@@ -28,7 +28,7 @@ LOADER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def resnet18():
     f = nets.transformed("resnet18", 10)
-    return random_variables(f, nets.convert.example_images("resnet18", 1, 32))
+    return random_variables(f, nets.introspect.example_images("resnet18", 1, 32))
 
 
 def test_exported_forward_equals_apply_for_any_batch(resnet18, tmp_path):

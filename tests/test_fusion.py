@@ -43,7 +43,7 @@ def native_convs(monkeypatch):
 
 def _variables(name, overrides, size=32):
     f = nets.transformed(name, 10, **overrides)
-    example = nets.convert.example_images(name, 2, size, **overrides)
+    example = nets.introspect.example_images(name, 2, size, **overrides)
     params, state = random_variables(f, example)
     images = np.random.RandomState(0).randn(*example.shape).astype(np.float32)
     return f, params, state, images
@@ -82,7 +82,7 @@ def test_fused_features():
     # (A conv that has its own bias before its BatchNorm - ResNeSt's fc1 - is in MODELS.)
     name = "resnet18"
     f = nets.transformed_features(name)
-    example = nets.convert.example_images(name, 2, 32)
+    example = nets.introspect.example_images(name, 2, 32)
     params, state = random_variables(f, example)
     images = np.random.RandomState(0).randn(*example.shape).astype(np.float32)
     maps, _ = jax.jit(f.apply, static_argnames="is_training")(params, state, None, images,
@@ -99,7 +99,7 @@ def test_fused_features():
 def test_fused_model_refuses_training_and_foreign_weights():
     name = "mobilenet_v1_025"
     f = nets.transformed(name, 10)
-    example = nets.convert.example_images(name, 1, 32)
+    example = nets.introspect.example_images(name, 1, 32)
     params, state = random_variables(f, example)
     fused_params, fused_state = nets.fusion.fuse(name, params, state)
     fused = nets.transformed(name, 10, fused=True)
@@ -112,7 +112,7 @@ def test_fused_model_refuses_training_and_foreign_weights():
 
 
 def test_models_without_batchnorm_fuse_to_themselves():
-    params, state = nets.convert.shapes("nfnet_f0", 10)
+    params, state = nets.introspect.shapes("nfnet_f0", 10)
     plan = nets.fusion.plan("nfnet_f0", 10)
     assert plan.folded == {} and plan.eps == {}
     fused_params, fused_state = nets.fusion.fuse("nfnet_f0", params, state)

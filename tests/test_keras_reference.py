@@ -137,6 +137,6 @@ def test_mobilenet_v1_width_multipliers_count_as_keras(alpha):
     model = _keras_model("MobileNet", alpha=alpha)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     name = f"mobilenet_v1_{int(alpha * 100):03d}"
-    params, state = nets.convert.shapes(name)
+    params, state = nets.introspect.shapes(name)
     assert count(params) == trainable
     assert count(state) == sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)

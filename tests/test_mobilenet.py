@@ -20,8 +20,8 @@ TABLE_ROW = {"mobilenet_v1": ("timm", "mobilenetv1_100")}
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_counts_equal_the_reference_table(name, reference_counts):
     info = nets.model_info(name)
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
+    params, state = nets.introspect.shapes(name, 1000)
+    no_head, _ = nets.introspect.shapes(name, 0)
     arch = name.removeprefix("keras_")
     row = reference_counts[TABLE_ROW.get(name, ("torchvision", arch))]
     assert count(params) == info.reference_params == row["params_with_head"]
@@ -45,12 +45,12 @@ def test_mobilenet_v2_block_table_and_shortcuts():
     assert [r[2] for r in rows] == [16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160,
                                     160, 160, 320]
     assert rows[0][1] == 32 and rows[1][1] == 96  # t=1 keeps 32 channels; t=6 expands 16 to 96
-    params, _ = nets.convert.shapes("mobilenet_v2")
+    params, _ = nets.introspect.shapes("mobilenet_v2")
     assert "mobilenet_v2/block0/expand_conv" not in params
     assert params["mobilenet_v2/head_conv"]["w"].shape == (1, 1, 320, 1280)
     # width multipliers round to multiples of 8; the head widens only above 1.0
     assert [r[2] for r in mobilenet.v2_blocks(0.35)][:4] == [8, 8, 8, 16]
-    wide, _ = nets.convert.shapes("mobilenet_v2", alpha=1.4)
+    wide, _ = nets.introspect.shapes("mobilenet_v2", alpha=1.4)
     assert wide["mobilenet_v2/head_conv"]["w"].shape[-1] == 1792
 
 
@@ -75,7 +75,7 @@ def _torch_model(name, **kwargs):
 
 def test_reduced_tail_counts_equal_torchvision():
     model = _torch_model("mobilenet_v3_large", reduced_tail=True)
-    params, state = nets.convert.shapes("mobilenet_v3_large", reduced_tail=True)
+    params, state = nets.introspect.shapes("mobilenet_v3_large", reduced_tail=True)
     assert count(params) == sum(p.numel() for p in model.parameters())
     assert count(state) == sum(b.numel() for n, b in model.named_buffers() if "running" in n)
 
@@ -160,7 +160,7 @@ def test_pre_logits_false_returns_the_pooled_head_conv():
 
 
 def test_mobilenet_v1_alpha_scales_every_width():
-    params, _ = nets.convert.shapes("mobilenet_v1_025")
+    params, _ = nets.introspect.shapes("mobilenet_v1_025")
     assert params["mobilenet_v1/conv1"]["w"].shape == (3, 3, 3, 8)
     assert params["mobilenet_v1/conv_pw_13"]["w"].shape == (1, 1, 256, 256)
     assert params["mobilenet_v1/conv_dw_12"]["w"].shape == (3, 3, 1, 128)

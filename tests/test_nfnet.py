@@ -1,4 +1,4 @@
-"""NFNet: counts per role against the official code's (../shared/reference/nfnet_spec.md §9),
+"""NFNet: counts per role against the official code's (tests/reference/nfnet_official.json),
 the block table, signal propagation, timm equivalence and the official checkpoint layout."""
 
 import functools
@@ -12,44 +12,16 @@ import pytest
 import nets
 from nets import nfnet
 from tests import reference
-from tests.helpers import jitted_apply, random_images
+from tests.helpers import jitted_apply, random_images, reference_figures
 
-# §9, measured on the unmodified official module: total, stem conv w, block conv w, final conv w,
-# WS gains, WS biases, skip gains, SE w, SE b, fc w, fc b.
-SPEC_COUNTS = {
-    "nfnet_f0": (71489284, 97200, 41664512, 4718592, 44912, 44912, 12, 21823488, 22656,
-                 3072000, 1000),
-    "nfnet_f1": (132634256, 97200, 80887808, 4718592, 82672, 82672, 24, 43646976, 45312,
-                 3072000, 1000),
-    "nfnet_f2": (193779228, 97200, 120111104, 4718592, 120432, 120432, 36, 65470464, 67968,
-                 3072000, 1000),
-    "nfnet_f3": (254924200, 97200, 159334400, 4718592, 158192, 158192, 48, 87293952, 90624,
-                 3072000, 1000),
-    "nfnet_f4": (316069172, 97200, 198557696, 4718592, 195952, 195952, 60, 109117440, 113280,
-                 3072000, 1000),
-    "nfnet_f5": (377214144, 97200, 237780992, 4718592, 233712, 233712, 72, 130940928, 135936,
-                 3072000, 1000),
-    "nfnet_f6": (438359116, 97200, 277004288, 4718592, 271472, 271472, 84, 152764416, 158592,
-                 3072000, 1000),
-    "nfnet_f7": (499504088, 97200, 316227584, 4718592, 309232, 309232, 96, 174587904, 181248,
-                 3072000, 1000),
-    "nfnet_f0plus": (118824516, 134064, 66977792, 8388608, 60336, 60336, 12, 39075840, 30528,
-                     4096000, 1000),
-    "nfnet_f1plus": (220357008, 134064, 129302528, 8388608, 111024, 111024, 24, 78151680,
-                     61056, 4096000, 1000),
-    "nfnet_f2plus": (321889500, 134064, 191627264, 8388608, 161712, 161712, 36, 117227520,
-                     91584, 4096000, 1000),
-    "nfnet_f3plus": (423421992, 134064, 253952000, 8388608, 212400, 212400, 48, 156303360,
-                     122112, 4096000, 1000),
-    "nfnet_f4plus": (524954484, 134064, 316276736, 8388608, 263088, 263088, 60, 195379200,
-                     152640, 4096000, 1000),
-    "nfnet_f5plus": (626486976, 134064, 378601472, 8388608, 313776, 313776, 72, 234455040,
-                     183168, 4096000, 1000),
-    "nfnet_f6plus": (728019468, 134064, 440926208, 8388608, 364464, 364464, 84, 273530880,
-                     213696, 4096000, 1000),
-    "nfnet_f7plus": (829551960, 134064, 503250944, 8388608, 415152, 415152, 96, 312606720,
-                     244224, 4096000, 1000),
-}
+# Figures measured on the official NFNet code (tests/reference/nfnet_official.json, which names
+# the sections of the NFNet spec they come from).
+OFFICIAL = reference_figures("nfnet_official.json")
+
+# §9 per official variant (F0..F7, F0+..F7+; ours nfnet_f0..nfnet_f7plus): total, stem conv w,
+# block conv w, final conv w, WS gains, WS biases, skip gains, SE w, SE b, fc w, fc b.
+SPEC_COUNTS = {f"nfnet_{variant.lower().replace('+', 'plus')}": tuple(counts.values())
+               for variant, counts in OFFICIAL["parameter_counts"]["variants"].items()}
 
 
 def _counts_by_role(params):
@@ -73,12 +45,12 @@ def _counts_by_role(params):
 
 @pytest.mark.parametrize("name", sorted(SPEC_COUNTS))
 def test_parameter_counts_by_role_equal_the_official_code(name):
-    params, state = nets.convert.shapes(name)
+    params, state = nets.introspect.shapes(name)
     assert _counts_by_role(params) == SPEC_COUNTS[name]
     assert state == {}
     info = nets.model_info(name)
     assert info.reference_params == SPEC_COUNTS[name][0]
-    no_head, _ = nets.convert.shapes(name, 0)
+    no_head, _ = nets.introspect.shapes(name, 0)
     assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(no_head)) == (
         info.reference_params_no_head)
 
@@ -91,13 +63,21 @@ def test_counts_equal_timms_dm_nfnet(k, reference_counts):
         row["params_with_head"], row["params_no_head"])
 
 
+@pytest.mark.parametrize("plus", [False, True])
+def test_variants_are_the_official_table(plus):
+    """§1: depths, train / test sizes and dropout per variant; a "+" variant copies its base's."""
+    for variant, row in OFFICIAL["variant_table"]["variants"].items():
+        info = nets.model_info(f"nfnet_{variant.lower()}{'plus' if plus else ''}")
+        assert (list(info.config["depths"]), info.train_size, info.test_size,
+                info.config["drop_rate"]) == (row["depths"], row["train_px"], row["test_px"],
+                                              row["dropout"]), variant
+
+
 def test_block_table_of_f0():
     specs = nfnet.block_table((1, 2, 6, 3), nfnet.WIDTHS)
-    # §3.1, measured on the official code.
-    np.testing.assert_allclose(
-        [s.beta for s in specs],
-        [1.0, .9806, .9806, .9623, .9806, .9623, .9449, .9285, .9129, .8980, .9806, .9623],
-        atol=1e-4)
+    # §3.1, measured on the official code (to 4 decimals).
+    np.testing.assert_allclose([s.beta for s in specs], OFFICIAL["f0_block_betas"]["values"],
+                               atol=1e-4)
     np.testing.assert_allclose([s.stochastic_depth_rate for s in specs],
                                [0.25 * i / 12 for i in range(12)])
     assert [s.stride for s in specs] == [1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1]
@@ -170,8 +150,8 @@ def _primitives(jaxpr, found=None):
 
 
 def test_remat_rematerialises_blocks_without_changing_parameters():
-    plain, _ = nets.convert.shapes("nfnet_f0", 10)
-    remat, _ = nets.convert.shapes("nfnet_f0", 10, remat=True)
+    plain, _ = nets.introspect.shapes("nfnet_f0", 10)
+    remat, _ = nets.introspect.shapes("nfnet_f0", 10, remat=True)
     assert jax.tree.map(lambda a: a.shape, plain) == jax.tree.map(lambda a: a.shape, remat)
 
     def primitives(**options):
@@ -184,7 +164,7 @@ def test_remat_rematerialises_blocks_without_changing_parameters():
 
 
 def test_param_roles_mark_the_classifier_gains_biases_and_skip_gains():
-    params, _ = nets.convert.shapes("nfnet_f0")
+    params, _ = nets.introspect.shapes("nfnet_f0")
     roles = nets.param_roles("nfnet_f0", params)
     assert roles["nfnet/linear"] == {"w": "classifier_weight", "b": "classifier_bias"}
     assert roles["nfnet/stage3_blocks/block"] == {"skip_gain": "skip_gain"}
@@ -192,11 +172,11 @@ def test_param_roles_mark_the_classifier_gains_biases_and_skip_gains():
                                                         "bias": "bias"}
     assert roles["nfnet/stage3_blocks/block/se/fc1"] == {"w": "weight", "b": "bias"}
     flat = jax.tree.leaves(roles)
-    # §10.1, F0: gains + biases + skip gains (group A, with the classifier bias) = 113,492.
+    # §10.1, F0: gains + biases + skip gains (group A, with the classifier bias).
     sizes = jax.tree.leaves(jax.tree.map(lambda s: int(np.prod(s.shape)), params))
     group_a = sum(n for n, r in zip(sizes, flat) if r in ("gain", "bias", "skip_gain",
                                                           "classifier_bias"))
-    assert group_a == 113_492
+    assert group_a == OFFICIAL["f0_optimizer_groups"]["gains_biases"]
 
 
 def _timm_f0():
@@ -246,7 +226,7 @@ def test_logits_and_stage_maps_equal_timm_dm_nfnet_f0():
 
 def _random_params(name, num_classes):
     """Random parameters of the variant's shapes, without running its init."""
-    shapes, _ = nets.convert.shapes(name, num_classes)
+    shapes, _ = nets.introspect.shapes(name, num_classes)
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 

@@ -47,6 +47,9 @@ ROLES = {"conv": "weight", "stacked_conv": "weight", "gain": "gain", "stacked_bi
          "skip_gain": "skip_gain", "se": "weight", "fc_w": "classifier_weight",
          "fc_b": "classifier_bias"}
 STACKED = {k: int(k.startswith("stacked")) for k in ROLES}
+# The NFNet recipe in the registry's role vocabulary: decay weights only; the head's two roles.
+NFNET_ROLES = dict(decay_roles=(nets.registry.WEIGHT, nets.registry.CLASSIFIER_WEIGHT),
+                   classifier_roles=nets.registry.CLASSIFIER_ROLES)
 
 
 def _problem(seed=0):
@@ -72,7 +75,7 @@ def test_sgd_agc_equals_the_numpy_reference_over_several_steps(clip_classifier_b
     params, grads = _problem()
     lr = optim.warmup_cosine(1.6, warmup_steps=2.5, total_steps=5)
     tx = optim.nfnet_optimizer(ROLES, lr, stacked=STACKED,
-                               clip_classifier_bias=clip_classifier_bias)
+                               clip_classifier_bias=clip_classifier_bias, **NFNET_ROLES)
     ours = jax.tree.map(jnp.asarray, params)
     state = tx.init(ours)
     @jax.jit
@@ -99,7 +102,7 @@ def test_zero_initialised_parameters_are_clipped_to_the_eps_floor():
 
 def test_the_classifier_weight_is_not_clipped_and_gains_are_not_decayed():
     params, grads = _problem(1)
-    tx = optim.nfnet_optimizer(ROLES, 1.0, stacked=STACKED, momentum=0.0)
+    tx = optim.nfnet_optimizer(ROLES, 1.0, stacked=STACKED, momentum=0.0, **NFNET_ROLES)
     ours, grad = jax.tree.map(jnp.asarray, (params, grads[0]))
     updates, _ = tx.update(grad, tx.init(ours), ours)
     np.testing.assert_allclose(updates["fc_w"], -(grads[0]["fc_w"] + 2e-5 * params["fc_w"]),
@@ -133,14 +136,14 @@ def test_ema_uses_the_tf1_warm_up():
 
 
 def test_nfnet_masks_come_from_the_models_roles():
-    params, _ = nets.convert.shapes("nfnet_f0", 10)
+    params, _ = nets.introspect.shapes("nfnet_f0", 10)
     roles = nets.param_roles("nfnet_f0", params)
     stacked = nets.stacked_axes("nfnet_f0", params)
     assert stacked["nfnet/stage3_blocks/block/conv1"]["w"] == 1
     assert stacked["nfnet/stage3_block0/conv1"]["w"] == 0
     assert all(params[m][leaf].shape[0] == 5 for m in stacked for leaf in stacked[m]
                if stacked[m][leaf] and m.startswith("nfnet/stage3"))
-    tx = optim.nfnet_optimizer(roles, 0.1, stacked=stacked)
+    tx = optim.nfnet_optimizer(roles, 0.1, stacked=stacked, **NFNET_ROLES)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     updates, _ = jax.eval_shape(tx.update, zeros, jax.eval_shape(tx.init, zeros), zeros)
     assert jax.tree.map(lambda s: s.shape, updates) == jax.tree.map(lambda s: s.shape, params)

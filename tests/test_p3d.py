@@ -43,10 +43,10 @@ def _hand_counts(stage_blocks, num_classes):
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_parameter_and_bn_statistic_counts_equal_the_hand_count(name):
-    params, state = nets.convert.shapes(name, 400)
-    no_head, _ = nets.convert.shapes(name, 0)
+    params, state = nets.introspect.shapes(name, 400)
+    no_head, _ = nets.introspect.shapes(name, 0)
     expected, bn_stats = _hand_counts(STAGES[name], 400)
-    assert nets.convert.count_params(name, 400) == count(params) == expected
+    assert nets.introspect.count_params(name, 400) == count(params) == expected
     assert count(no_head) == _hand_counts(STAGES[name], 0)[0]
     assert count(state) == bn_stats
     # The extra layers over the ResNet skeleton are the T convs: 199 = 152 + 47, 63 = 50 + 13.
@@ -131,8 +131,8 @@ def test_the_two_definitions_differ_only_in_computation():
     caffe, _ = _recorded("caffe")
     port, _ = _recorded("pytorch")
     assert not np.allclose(caffe, port)
-    a = nets.convert.shapes("p3d_resnet50", 400, **SMALL)
-    b = nets.convert.shapes("p3d_resnet50", 400, definition="pytorch", **SMALL)
+    a = nets.introspect.shapes("p3d_resnet50", 400, **SMALL)
+    b = nets.introspect.shapes("p3d_resnet50", 400, definition="pytorch", **SMALL)
     assert jax.tree.map(lambda s: s.shape, a) == jax.tree.map(lambda s: s.shape, b)
 
 
@@ -172,7 +172,7 @@ def test_forward_on_a_small_clip_gives_finite_logits():
 
 def test_features_are_3d_then_2d_at_strides_4_to_32():
     f = nets.transformed_features("p3d_resnet50")
-    clip = nets.convert.example_images("p3d_resnet50")
+    clip = nets.introspect.example_images("p3d_resnet50")
     assert clip.shape == (1, 16, 160, 160, 3)
     params, state = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), clip)
     maps, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),

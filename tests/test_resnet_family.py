@@ -44,7 +44,7 @@ def _bottleneck_resnet_count(layers, groups, width_per_group, num_classes=1000):
                          [(1, 64, 64), (2, 40, 80), (4, 24, 96), (8, 14, 112), (32, 4, 128)])
 def test_resnext_equal_complexity_templates(groups, width_per_group, stage1_width):
     name = f"resnext50_{groups}x{width_per_group}d"
-    params, _ = nets.convert.shapes(name, 1000)
+    params, _ = nets.introspect.shapes(name, 1000)
     assert params["resnet/layer1_0/conv2"]["w"].shape == (3, 3, stage1_width // groups,
                                                           stage1_width)
     assert count(params) == _bottleneck_resnet_count((3, 4, 6, 3), groups, width_per_group)
@@ -161,8 +161,8 @@ def test_resnest_with_radix_1_is_resnet_d_and_resnext_d(groups, width_per_group)
     ResNeSt's, not the radix's)."""
     plain = dict(groups=groups, width_per_group=width_per_group, **SHALLOW)
     resnest = dict(radix=1, avd=False, **plain)
-    assert jax.tree.map(np.shape, nets.convert.shapes("resnest50d", 10, **resnest)) == \
-        jax.tree.map(np.shape, nets.convert.shapes("resnet50d", 10, **plain))
+    assert jax.tree.map(np.shape, nets.introspect.shapes("resnest50d", 10, **resnest)) == \
+        jax.tree.map(np.shape, nets.introspect.shapes("resnet50d", 10, **plain))
     images = random_images(2, 32)
     params, state = jax.jit(nets.transformed("resnet50d", 10, **plain).init,
                             static_argnames="is_training")(jax.random.key(0), images,
@@ -175,14 +175,14 @@ def test_resnest_with_radix_1_is_resnet_d_and_resnext_d(groups, width_per_group)
     np.testing.assert_array_equal(got, expected)
     # Radix 2 (or one split with the attention kept) adds the split-attention layers.
     for split in (dict(radix=2), dict(split_attention=True)):
-        params, _ = nets.convert.shapes("resnest50d", 10, **{**resnest, **split})
+        params, _ = nets.introspect.shapes("resnest50d", 10, **{**resnest, **split})
         assert {"resnet/layer1_0/conv2/fc1", "resnet/layer1_0/conv2/bn1"} <= set(params)
 
 
 def test_resnest_split_attention_widths():
-    params, _ = nets.convert.shapes("resnest50d", 10)
+    params, _ = nets.introspect.shapes("resnest50d", 10)
     assert params["resnet/layer2_0/conv2/conv"]["w"].shape == (3, 3, 64, 256)  # radix 2 x 128
-    params, _ = nets.convert.shapes("resnest50d_1s4x24d", 10)
+    params, _ = nets.introspect.shapes("resnest50d_1s4x24d", 10)
     # One split: fc1 grouped by the 4 cardinal groups, width max(96 / 4, 32) (the reference's
     # minimum); the 3x3 pools before it (avd_first), so the 3x3 itself is stride 1.
     assert params["resnet/layer1_0/conv2/fc1"]["w"].shape == (1, 1, 96 // 4, 32)
@@ -192,7 +192,7 @@ def test_resnest_split_attention_widths():
 @pytest.mark.parametrize("name,attn_width", [("skresnet18", 16), ("skresnet50", 8),
                                              ("skresnext50_32x4d", 32)])
 def test_selective_kernel_fuse_width_is_max_of_c_over_r_and_l(name, attn_width):
-    params, _ = nets.convert.shapes(name, 10)
+    params, _ = nets.introspect.shapes(name, 10)
     first = "conv1" if nets.model_info(name).config.get("block") == "basic" else "conv2"
     reduce = params[f"resnet/layer1_0/{first}/attn/fc_reduce"]["w"]
     assert reduce.shape[-1] == attn_width
@@ -202,7 +202,7 @@ def test_selective_kernel_fuse_width_is_max_of_c_over_r_and_l(name, attn_width):
 
 
 def test_gcnet_places_global_context_blocks_in_stages_2_to_4_only():
-    params, _ = nets.convert.shapes("gcnet_resnet50", 10)
+    params, _ = nets.introspect.shapes("gcnet_resnet50", 10)
     with_gc = {k.split("/")[1] for k in params if "/gc/" in k}
     assert with_gc == {f"layer{s}_{i}" for s, n in ((2, 4), (3, 6), (4, 3)) for i in range(n)}
     # bottleneck transform C -> C/16 -> C with a LayerNorm, attention pooling C -> 1
@@ -224,7 +224,7 @@ def test_global_context_starts_as_the_identity_or_a_half_gate():
 
 
 def test_cbam_is_timms_module_on_every_bottleneck():
-    params, _ = nets.convert.shapes("cbam_resnet50", 10)
+    params, _ = nets.introspect.shapes("cbam_resnet50", 10)
     blocks = {k.split("/")[1] for k in params if "/cbam/" in k}
     assert len(blocks) == 16
     assert params["resnet/layer1_0/cbam/channel/fc1"]["w"].shape == (1, 1, 256, 16)
@@ -242,7 +242,7 @@ def test_deformable_stage_4_starts_as_half_the_regular_3x3():
                             static_argnames="is_training")(jax.random.key(0), images,
                                                            is_training=True)
     state = jax.tree.map(lambda v: v + 0.1, state)
-    shapes, _ = nets.convert.shapes("resnet50", 10, deformable_stages=(4,), **plain)
+    shapes, _ = nets.introspect.shapes("resnet50", 10, deformable_stages=(4,), **plain)
     added = set(shapes) - set(params)
     assert added == {"resnet/layer4_0/conv2/conv_offset", "resnet/layer4_1/conv2/conv_offset"}
     assert shapes["resnet/layer4_0/conv2/conv_offset"]["w"].shape == (3, 3, 512, 27)

@@ -106,15 +106,15 @@ def _hand_count(width, num_classes, blocks=4):
 @pytest.mark.parametrize("width,paper_millions", [(32, 2.9), (64, 11.7), (96, 26.2)])
 def test_counts_equal_the_hand_count_and_round_to_the_papers_table(width, paper_millions):
     name = f"shake_shake_26_2x{width}d"
-    params, state = nets.convert.shapes(name, 10)
+    params, state = nets.introspect.shapes(name, 10)
     expected, bn_stats = _hand_count(width, 10)
-    assert nets.convert.count_params(name, 10) == count(params) == expected
+    assert nets.introspect.count_params(name, 10) == count(params) == expected
     assert count(state) == bn_stats
     assert round(count(params) / 1e6, 1) == paper_millions
 
 
 def test_downsampling_shortcut_concatenates_a_plain_and_a_shifted_path():
-    params, _ = nets.convert.shapes("shake_shake_26_2x32d", 10)
+    params, _ = nets.introspect.shapes("shake_shake_26_2x32d", 10)
     assert params["shake_shake/layer2_0/shortcut_conv1"]["w"].shape == (1, 1, 32, 32)
     assert params["shake_shake/layer2_0/shortcut_conv2"]["w"].shape == (1, 1, 32, 32)
     assert "shake_shake/layer2_1/shortcut_conv1" not in params  # identity within a stage
@@ -173,7 +173,7 @@ def test_forward_on_cifar_images_and_features():
     assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
     g = nets.transformed_features(name)
     maps, _ = jax.eval_shape(lambda p, s, x: g.apply(p, s, None, x, is_training=False),
-                             *nets.convert.shapes(name, 0), images)
+                             *nets.introspect.shapes(name, 0), images)
     assert {k: v.shape for k, v in maps.items()} == {
         "stage1": (2, 32, 32, 32), "stage2": (2, 16, 16, 64), "stage3": (2, 8, 8, 128)}
     assert nets.model_info(name).feature_strides == (1, 2, 4)

@@ -54,8 +54,8 @@ def test_features_and_pooled_outputs(name, widths):
 def test_v2_counts_equal_torchvision(name, reference_counts):
     info = nets.model_info(name)
     row = reference_counts[tuple(info.reference.split(":"))]
-    params, state = nets.convert.shapes(name, 1000)
-    no_head, _ = nets.convert.shapes(name, 0)
+    params, state = nets.introspect.shapes(name, 1000)
+    no_head, _ = nets.introspect.shapes(name, 0)
     assert (count(params), count(no_head), count(state)) == (
         row["params_with_head"], row["params_no_head"], row["bn_stat_elems"])
     assert (info.reference_params, info.reference_params_no_head,
@@ -193,7 +193,7 @@ def test_the_hand_count_is_that_of_an_independent_port():
 @pytest.mark.parametrize("name", V1)
 def test_v1_parameters_equal_the_hand_count(name):
     g, s, stem = V1_ROWS[name]
-    assert nets.convert.count_params(name) == _v1_params(_v1_layers(g, s, stem))
+    assert nets.introspect.count_params(name) == _v1_params(_v1_layers(g, s, stem))
 
 
 # Paper, Table 1: complexity of the 1x networks in MFLOPs (multiply-adds), per g.
@@ -238,7 +238,7 @@ def test_v1_complexity_and_size_are_those_of_the_authors_models(name):
 
 
 def test_v1_first_pointwise_conv_of_stage_2_is_not_grouped():
-    params, _ = nets.convert.shapes("shufflenet_v1_g3")
+    params, _ = nets.introspect.shapes("shufflenet_v1_g3")
     assert params["shufflenet_v1/stage2_0/conv1"]["w"].shape == (1, 1, 24, 60)
     assert params["shufflenet_v1/stage2_1/conv1"]["w"].shape == (1, 1, 80, 60)
     assert params["shufflenet_v1/stage2_0/conv3"]["w"].shape == (1, 1, 20, 216)

@@ -248,7 +248,7 @@ def test_one_and_four_devices_give_the_same_update():
 
 
 def test_cross_entropy_smooths_after_mixing():
-    from training.steps import cross_entropy
+    from training.classification import cross_entropy
     logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], np.float32)
     targets = np.array([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0]], np.float32)
     smoothed = 0.9 * targets + 0.1 / 3
@@ -262,7 +262,7 @@ def test_bfloat16_compute_keeps_float32_state():
 
     import nets
     from experiments import common
-    from training import distributed, loop, optimizers, steps
+    from training import classification, distributed, loop, optimizers, steps
 
     config = common.base()
     config.model, config.data.num_classes, config.data.train_size = "resnet18", 10, 32
@@ -273,8 +273,8 @@ def test_bfloat16_compute_keeps_float32_state():
     state, optimizer = loop.init_state(
         config, model, lambda p: optimizers.optimizer(config.optimizer, "resnet18", p, schedule),
         mesh)
-    step = steps.train_step(model, optimizer, schedule, dtype=jnp.bfloat16, label_smoothing=0.1,
-                            ema_decay=0.9, mesh=mesh)
+    loss = classification.objective(model, dtype=jnp.bfloat16, label_smoothing=0.1)
+    step = steps.train_step(loss, optimizer, schedule, ema_decay=0.9, mesh=mesh)
     rng = np.random.default_rng(0)
     batch = {"images": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
              "targets": np.eye(10, dtype=np.float32)[[1, 2, 3, 4]]}

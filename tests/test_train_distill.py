@@ -20,7 +20,7 @@ def test_distillation_from_a_weights_file(tmp_path):
     data.prepare_builtin(str(data_dir))
     teacher = tmp_path / "resnet18.safetensors"
     f = nets.transformed("resnet18", 10)
-    params, state = random_variables(f, nets.convert.example_images("resnet18", 1, 32))
+    params, state = random_variables(f, nets.introspect.example_images("resnet18", 1, 32))
     nets.weights.save(teacher, params, state, model="resnet18")
     workdir = tmp_path / "run"
     result = run_experiment("experiments/distill_mobilenet_v2.py:local", workdir, data_dir,
@@ -39,6 +39,6 @@ def test_distillation_from_a_weights_file(tmp_path):
                                                 rel=1e-5)
     # The checkpoint holds the student alone.
     saved = saved_tree(workdir, 2)
-    student = nets.convert.shapes("mobilenet_v1_025", 10)[0]
+    student = nets.introspect.shapes("mobilenet_v1_025", 10)[0]
     assert sum(v.size for k, v in saved.items() if k.startswith("params/")) == sum(
         int(np.prod(s.shape)) for s in jax.tree.leaves(student))

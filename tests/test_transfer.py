@@ -11,7 +11,8 @@ import nets
 from experiments import common
 from nets.registry import module_path
 from tests.helpers import random_train_state, random_variables
-from training import distributed, loop, optimizers, steps, transfer
+from training import (classification, distributed, loop, optimizers, steps, transfer,
+                      weight_sources)
 
 STEM_AND_STAGE_1 = ("conv1", "bn1", "layer1_")
 SIZE = 32
@@ -45,8 +46,8 @@ def frozen_run():
     optimizer = optimizers.optimizer(config.optimizer, "resnet18", shapes[0], schedule,
                                      frozen=frozen[0])
     state = random_train_state(model, optimizer, SIZE, ema=True)
-    step = steps.train_step(model, optimizer, schedule, dtype=jnp.float32, label_smoothing=0.0,
-                            ema_decay=0.9, mesh=mesh, frozen=frozen)
+    loss = classification.objective(model, dtype=jnp.float32, label_smoothing=0.0)
+    step = steps.train_step(loss, optimizer, schedule, ema_decay=0.9, mesh=mesh, frozen=frozen)
     before = jax.device_get(state)    # the step donates `state`
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -73,7 +74,7 @@ def test_frozen_leaves_are_bit_identical_after_train_steps(frozen_run):
 
 
 def test_stem_and_stage_1_patterns_select_their_parameters():
-    params, state = nets.convert.shapes("resnet18", 10)
+    params, state = nets.introspect.shapes("resnet18", 10)
     params_mask, state_mask = transfer.frozen_masks(STEM_AND_STAGE_1, params, state)
     sizes = zip(jax.tree.leaves(params), jax.tree.leaves(params_mask), strict=True)
     # conv1 7x7x3x64 + bn1 2x64 + two basic blocks of two 3x3x64x64 convs and their BNs.
@@ -91,7 +92,7 @@ def test_optimizer_zeroes_frozen_updates_of_any_gradient():
     kept = ("resnet/conv1", "resnet/bn1", "resnet/layer4_1/conv2", "resnet/layer4_1/bn2",
             "resnet/fc")   # a few modules of each role keep the eager updates cheap
     params = {m: {k: jnp.ones(s.shape, s.dtype) for k, s in leaves.items()}
-              for m, leaves in nets.convert.shapes("resnet18", 10)[0].items() if m in kept}
+              for m, leaves in nets.introspect.shapes("resnet18", 10)[0].items() if m in kept}
     mask = {m: {k: module_path(m).startswith("layer4_") for k in leaves}
             for m, leaves in params.items()}
     for name in ("sgd", "rmsprop", "sgd_agc"):
@@ -115,8 +116,8 @@ def test_new_num_classes_gets_a_fresh_head_and_everything_else_from_the_file(tmp
     path, saved_params, saved_state = weights_file(tmp_path, 1000, seed=1)
     fresh_params, fresh_state = random_variables(
         nets.transformed("resnet18", num_classes=10), jnp.zeros((1, SIZE, SIZE, 3)), seed=2)
-    head = nets.convert.head_module("resnet18")
-    loaded = transfer.merge(fresh_params, fresh_state, transfer.read_source(path), head=head)
+    head = nets.head_module("resnet18")
+    loaded = transfer.merge(fresh_params, fresh_state, weight_sources.read(path), head=head)
     assert head == "resnet/fc"
     for name, value in flat(loaded.params).items():
         module, leaf = name.rsplit("/", 1)
@@ -135,7 +136,7 @@ def test_reset_head_keeps_a_fresh_head_of_the_same_shape(tmp_path):
     path, saved_params, _ = weights_file(tmp_path, 10, seed=1)
     fresh_params, fresh_state = random_variables(
         nets.transformed("resnet18", num_classes=10), jnp.zeros((1, SIZE, SIZE, 3)), seed=2)
-    source = transfer.read_source(path)
+    source = weight_sources.read(path)
     kept = transfer.merge(fresh_params, fresh_state, source, head="resnet/fc")
     reset = transfer.merge(fresh_params, fresh_state, source, head="resnet/fc", reset_head=True)
     np.testing.assert_array_equal(kept.params["resnet/fc"]["w"], saved_params["resnet/fc"]["w"])
@@ -149,9 +150,9 @@ def test_resnet50_weights_start_a_gcnet_resnet50():
     """GCNet's fine-tuning: every ResNet-50 leaf fits; the GC blocks (stages 2-4) stay fresh;
     nothing of the source is left over. Shapes from eval_shape, zeros as the weights."""
     zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
-    source = transfer.Source("resnet50", 1000, {}, *map(zeros, nets.convert.shapes("resnet50",
+    source = weight_sources.Source("resnet50", 1000, {}, *map(zeros, nets.introspect.shapes("resnet50",
                                                                                    1000)), "r50")
-    params, state = nets.convert.shapes("gcnet_resnet50", 1000)
+    params, state = nets.introspect.shapes("gcnet_resnet50", 1000)
     loaded = transfer.merge(params, state, source, head="resnet/fc")
     assert loaded.missing and all("/gc/" in name for name in loaded.missing)
     assert {name.split("/")[2][:6] for name in loaded.missing} == {"layer2", "layer3", "layer4"}
@@ -164,9 +165,9 @@ def test_resnet50_weights_start_a_gcnet_resnet50():
 
 
 def test_a_shape_mismatch_beyond_the_head_is_an_error_naming_the_leaf():
-    params, state = nets.convert.shapes("resnet18", 10)
+    params, state = nets.introspect.shapes("resnet18", 10)
     zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
-    source = transfer.Source("resnet18", 10, {}, zeros(params), zeros(state), "a resnet18 file")
+    source = weight_sources.Source("resnet18", 10, {}, zeros(params), zeros(state), "a resnet18 file")
     source.params["resnet/layer2_0/conv1"]["w"] = np.zeros((3, 3, 64, 256), np.float32)
     with pytest.raises(ValueError, match="only the classifier resnet/fc may change shape") as e:
         transfer.merge(params, state, source, head="resnet/fc")
@@ -175,7 +176,7 @@ def test_a_shape_mismatch_beyond_the_head_is_an_error_naming_the_leaf():
 
 
 def test_a_freeze_pattern_matching_nothing_is_a_clear_error():
-    params, state = nets.convert.shapes("resnet18", 10)
+    params, state = nets.introspect.shapes("resnet18", 10)
     with pytest.raises(ValueError, match=r"\['layer9'\] match no module") as e:
         transfer.frozen_masks(("conv1", "layer9"), params, state)
     assert "bn1, conv1, fc, layer1_0" in str(e.value) and "'layer1_0.bn1'" in str(e.value)
@@ -194,9 +195,9 @@ def test_train_run_refuses_a_bad_freeze_before_reading_data(tmp_path):
 
 def test_sources_that_are_not_weights_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no weights file or training workdir"):
-        transfer.read_source(tmp_path / "nothing")
+        weight_sources.read(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        transfer.read_source(tmp_path)
+        weight_sources.read(tmp_path)
     path, _, _ = weights_file(tmp_path, 10, seed=1)
     with pytest.raises(ValueError, match="EMA option applies to training checkpoints"):
-        transfer.read_source(path, ema=True)
+        weight_sources.read(path, ema=True)

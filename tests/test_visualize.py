@@ -15,7 +15,7 @@ plt = pytest.importorskip("matplotlib.pyplot")
 @pytest.fixture(scope="module")
 def resnet18():
     f = nets.transformed("resnet18", 10)
-    return random_variables(f, nets.convert.example_images("resnet18", 1, 32))
+    return random_variables(f, nets.introspect.example_images("resnet18", 1, 32))
 
 
 def _png(path):

@@ -20,7 +20,7 @@ from tools import convert as convert_tool
 
 def _random_trees(name, num_classes=1000, seed=1, **overrides):
     f = nets.transformed(name, num_classes, **overrides)
-    return random_variables(f, nets.convert.example_images(name, **overrides), seed=seed)
+    return random_variables(f, nets.introspect.example_images(name, **overrides), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_round_trip_is_exact_and_keeps_the_metadata(resnet18, tmp_path):
                  metadata={"recipe": "experiments/resnet.py:local", "top1": 0.5})
     loaded = weights.load(path)
     _same_trees(loaded, (params, state))
-    expected = nets.convert.shapes("resnet18", stochastic_depth_rate=0.1)
+    expected = nets.introspect.shapes("resnet18", stochastic_depth_rate=0.1)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), loaded) == jax.tree.map(
         lambda s: (s.shape, s.dtype), expected)
     with safe_open(str(path), framework="np") as f:
@@ -228,10 +228,12 @@ def test_training_checkpoints_export_their_params_or_ema(resnet18, tmp_path):
     ckpt.wait()
     ckpt.close()
 
-    name, got_params, got_state = weights.from_checkpoint(tmp_path / "run")
-    assert name == "resnet18"
-    _same_trees((got_params, got_state), (params, state))
-    assert weights.checkpoint_model(tmp_path / "run" / "checkpoints" / "7") == {
+    from training.checkpoint import read_weights, run_model
+
+    run = read_weights(tmp_path / "run")
+    assert run.model == "resnet18"
+    _same_trees((run.params, run.state), (params, state))
+    assert run_model(tmp_path / "run" / "checkpoints" / "7") == {
         "model": "resnet18", "num_classes": 10, "overrides": {"stochastic_depth_rate": 0.1},
         "step": 7}
     convert_tool.main(["--from", "checkpoint", str(tmp_path / "run"), "--ema",

@@ -25,6 +25,7 @@ import numpy as np
 import nets
 from nets import convert, weights
 from nets.registry import module_path
+from training import weight_sources
 
 _NFNET_PICKLE = (
     "{src} is a pickle, not an .npz archive: the official NFNet releases (F0_haiku.npz ...) are "
@@ -33,21 +34,6 @@ _NFNET_PICKLE = (
     "  python -c \"import dill, numpy as np; t = dill.load(open('{src}', 'rb')); "
     "np.savez('flat.npz', **{{m + '/' + k: np.asarray(v) for m, d in t.items() "
     "for k, v in d.items()}})\"\nand pass flat.npz.")
-
-
-def _read_torch(src: str) -> dict:
-    if src.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(src)
-    import torch
-
-    loaded = torch.load(src, map_location="cpu", weights_only=True)
-    # Training scripts (timm's among them) wrap the state dict with the optimizer and epoch.
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-    return loaded
 
 
 def _read_npz(src: str) -> dict[str, np.ndarray]:
@@ -96,18 +82,19 @@ def main(argv=None) -> dict:
     overrides: dict = {}
     model = args.model
     if args.source == "torch":
-        params, state = convert.from_torch(model, _read_torch(args.src), args.num_classes)
+        source = weight_sources.read(args.src, model=model, num_classes=args.num_classes)
+        params, state = source.params, source.state
     elif args.source == "keras":
         params, state = convert.from_keras(model, args.src, args.num_classes)
         overrides = _keras_overrides(model, params)
     elif args.source == "nfnet":
         params, state = convert.from_nfnet_official(model, _read_npz(args.src), args.num_classes)
     else:
-        run = weights.checkpoint_model(args.src)
-        if model and model != run["model"]:
-            parser.error(f"{args.src} holds a {run['model']} run, not {model}")
-        model, overrides = run["model"], run["overrides"]
-        _, params, state = weights.from_checkpoint(args.src, step=run["step"], ema=args.ema)
+        source = weight_sources.read(args.src, ema=args.ema)
+        if model and model != source.model:
+            parser.error(f"{args.src} holds a {source.model} run, not {model}")
+        model, overrides = source.model, source.overrides
+        params, state = source.params, source.state
 
     metadata = {"source": f"{args.source}:{os.path.basename(args.src)}"}
     weights.save(args.out, params, state, model=model, overrides=overrides, metadata=metadata)

@@ -27,38 +27,25 @@ import jax.numpy as jnp
 import numpy as np
 
 import nets
+from training import weight_sources
 
 
 def load_variables(name: str, weights: str | None = None, num_classes: int | None = None,
                    seed: int = 0, **overrides):
-    """(params, state) of the variant: from a `nets.weights` file (`tools.convert`'s output, or
-    `nets.weights.save`), from a PyTorch state dict of its reference (.pth / .pt / .bin, read
-    with `torch.load(weights_only=True)`, or a PyTorch .safetensors) converted by
-    `nets.convert.from_torch`, or a random init from `seed` without `weights`."""
+    """(params, state) of the variant: from any weights `training.weight_sources.read` reads
+    (a `nets.weights` file, a training workdir, or a PyTorch state dict of its reference,
+    converted by `nets.convert.from_torch`), checked strictly against the variant; or a random
+    init from `seed` without `weights`."""
     if weights is None:
         f = nets.transformed(name, 1000 if num_classes is None else num_classes, **overrides)
-        images = nets.convert.example_images(name, 1, 64, **overrides)  # params: any size
+        images = nets.introspect.example_images(name, 1, 64, **overrides)  # params: any size
         init = jax.jit(f.init, static_argnames="is_training")
         return init(jax.random.key(seed), jnp.zeros(images.shape, images.dtype),
                     is_training=True)
     if not os.path.exists(weights):
         raise ValueError(f"weights file {weights!r} does not exist")
-    if weights.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        if nets.weights.is_weights_file(weights):
-            return nets.weights.load(weights, name, num_classes, **overrides)
-
-        state_dict = load_file(weights)
-    elif weights.endswith((".pth", ".pt", ".bin")):
-        import torch
-
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        state_dict = state_dict.get("state_dict", state_dict)
-    else:
-        raise ValueError(f"weights must be a PyTorch state dict (.pth, .pt, .bin) or "
-                         f".safetensors file, got {weights!r}")
-    return nets.convert.from_torch(name, state_dict, num_classes, **overrides)
+    source = weight_sources.read(weights, model=name, num_classes=num_classes)
+    return weight_sources.variables(source, name, num_classes, **overrides)
 
 
 def export(name: str, params, state, num_classes: int | None = None, size: int | None = None,
@@ -70,13 +57,13 @@ def export(name: str, params, state, num_classes: int | None = None, size: int |
     Weights fused already (`tools.fuse`) are exported as they are, with fused=True."""
     info = nets.model_info(name)
     if num_classes is None:
-        num_classes = nets.convert.num_classes_of(name, params, overrides)
+        num_classes = nets.introspect.num_classes_of(name, params, overrides)
     if size is not None and size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     if fused and state:   # fused weights carry no BatchNorm statistics: nothing left to fold
         params, state = nets.fusion.fuse(name, params, state, num_classes, **overrides)
     f = nets.transformed(name, num_classes, fused=fused, **overrides)
-    example = nets.convert.example_images(name, 1, size or info.test_size, **overrides)
+    example = nets.introspect.example_images(name, 1, size or info.test_size, **overrides)
     params, state = jax.tree.map(jnp.asarray, (params, state))
 
     def forward(images):

@@ -13,22 +13,19 @@ from __future__ import annotations
 import argparse
 
 import nets
-from tools.export import load_variables
+from training import weight_sources
 
 
 def fuse_file(weights: str, out: str, model: str | None = None,
               num_classes: int | None = None) -> str:
-    """Reads `weights` (a nets.weights file, or a PyTorch state dict of `model`'s reference),
-    writes the fused weights to `out` and returns the model's name."""
-    overrides = {}
-    if weights.endswith(".safetensors") and nets.weights.is_weights_file(weights):
-        meta = nets.weights.read_metadata(weights)
-        model, overrides = model or meta["model"], meta["overrides"]
-        if overrides.get("fused"):
-            raise ValueError(f"{weights} is already fused")
-    if model is None:
-        raise ValueError(f"{weights} is not a nets.weights file: name its model with --model")
-    params, state = load_variables(model, weights, num_classes, **overrides)
+    """Reads `weights` (anything `training.weight_sources.read` reads; a PyTorch state dict
+    needs `model`), writes the fused weights to `out` and returns the model's name."""
+    source = weight_sources.read(weights, model=model, num_classes=num_classes)
+    model = model or source.model
+    overrides = dict(source.overrides) if model == source.model else {}
+    if overrides.get("fused"):
+        raise ValueError(f"{weights} is already fused")
+    params, state = weight_sources.variables(source, model, num_classes, **overrides)
     params, state = nets.fusion.fuse(model, params, state, num_classes, **overrides)
     nets.weights.save(out, params, state, model=model, num_classes=num_classes,
                       overrides={**overrides, "fused": True})
@@ -38,7 +35,8 @@ def fuse_file(weights: str, out: str, model: str | None = None,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True,
-                        help="a nets.weights .safetensors file or a PyTorch state dict")
+                        help="a nets.weights .safetensors file, a training workdir or a "
+                             "PyTorch state dict (with --model)")
     parser.add_argument("--out", required=True, help="the fused weights (.safetensors)")
     parser.add_argument("--model", default=None, help="default: the weights file's model")
     parser.add_argument("--num-classes", type=int, default=None)

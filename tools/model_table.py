@@ -13,7 +13,7 @@ def model_table() -> str:
         info = nets.model_info(name)
         ours = info.reference_params
         if ours is None:
-            ours = nets.convert.count_params(name)
+            ours = nets.introspect.count_params(name)
         rows.append(f"| {name} | {ours:,} | {info.reference} | "
                     f"{info.train_size} / {info.test_size} |")
     return "\n".join(rows)

@@ -121,7 +121,7 @@ def summary(name: str, size: int | None = None, num_classes: int = 1000,
     video models) of `size` pixels (default: the variant's train size), in call order."""
     info = nets.model_info(name)  # unknown names raise a ValueError that lists close ones
     nets.check_overrides(info, overrides)
-    images = nets.convert.example_images(name, 1, size, **overrides)
+    images = nets.introspect.example_images(name, 1, size, **overrides)
     counter = _Counter()
 
     def forward(x):

@@ -6,9 +6,14 @@ shapes, and the config (the preprocessing the model is trained with travels with
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+# The items of every checkpoint: the train state, the data iterator's state, the identification.
+_ITEMS = ("state", "data", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -54,7 +59,7 @@ class Checkpoints:
         self.signature = signature
         self.meta = {"signature": signature, "config": config_json}
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "meta"),
+            self.directory, item_names=_ITEMS,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self) -> int | None:
@@ -80,3 +85,73 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run's weights back (tools, transfer learning, distillation): the one place outside
+# `Checkpoints` that knows the items above and the TrainState's field names.
+
+
+class RunWeights(NamedTuple):
+    """One set of weights of a training run, as {module: {leaf: array}} trees."""
+
+    model: str
+    num_classes: int
+    overrides: dict[str, Any]
+    step: int
+    params: dict
+    state: dict
+    directory: str
+
+
+def _directory_and_step(path) -> tuple[str, int | None]:
+    """(the orbax checkpoints directory, the step) for a workdir, its checkpoints directory or
+    one step's directory."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, None
+
+
+def _manager(path, step, items):
+    directory, path_step = _directory_and_step(path)
+    manager = ocp.CheckpointManager(directory, item_names=items)
+    step = step if step is not None else path_step
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        manager.close()
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    return manager, directory, step
+
+
+def run_model(path, *, step: int | None = None) -> dict[str, Any]:
+    """What a run's checkpoint was built as: {"model", "num_classes", "overrides", "step"}.
+    `path`: the run's workdir, its checkpoints directory or one step's directory; the newest
+    step unless `step` says (or the path names one)."""
+    manager, _, step = _manager(path, step, ("meta",))
+    signature = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]["signature"]
+    manager.close()
+    return {"model": signature["model"], "num_classes": signature["num_classes"],
+            "overrides": signature["model_kwargs"], "step": step}
+
+
+def read_weights(path, *, step: int | None = None, ema: bool = False) -> RunWeights:
+    """The parameters and model state of a run (`path` as in `run_model`); ema=True: their
+    EMA (the weights the NFNet paper reports)."""
+    manager, directory, step = _manager(path, step, ("state", "meta"))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    manager.close()
+    train_state, signature = restored["state"], restored["meta"]["signature"]
+    prefix = "ema_" if ema else ""
+    if ema and train_state.get("ema_params") is None:
+        raise ValueError(f"the checkpoint at step {step} in {directory} keeps no EMA "
+                         "(the run's config had none); use ema=False.")
+    to_tree = lambda t: {m: {k: jnp.asarray(v) for k, v in leaves.items()}
+                         for m, leaves in t.items()}
+    return RunWeights(signature["model"], signature["num_classes"], signature["model_kwargs"],
+                      step, to_tree(train_state[prefix + "params"]),
+                      to_tree(train_state[prefix + "model_state"]), directory)

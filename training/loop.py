@@ -1,21 +1,25 @@
 """The training loop: build everything from the config, resume from the workdir's newest
-checkpoint, train, checkpoint, evaluate, stop cleanly on SIGTERM and on a non-finite loss."""
+checkpoint, train, checkpoint, evaluate, stop cleanly on SIGTERM and on a non-finite loss.
+Task-free: what the model predicts, how it is scored and reported, is the task's
+(`config.task`, training/tasks.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import signal
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-import data
 import nets
-from training import checkpoint, distill, distributed, metrics, optimizers, steps, transfer
+from training import checkpoint, distributed, metrics, optimizers, steps, tasks, transfer
 from training.state import TrainState
+from training.weight_sources import read as read_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +50,12 @@ def _field(config, dotted: str):
     return config
 
 
-def _validate(config: ml_collections.ConfigDict, mesh) -> None:
+def _validate(config: ml_collections.ConfigDict, mesh) -> tasks.Task:
+    """The run's task, once the config's fields it and the loop read are checked."""
+    try:
+        task = tasks.get(config.task)
+    except ValueError as e:
+        raise ConfigError(f"config.task: {e}") from None
     try:
         info = nets.model_info(config.model)   # an unknown name lists close ones
         nets.check_overrides(info, config.model_kwargs.to_dict())
@@ -56,18 +65,20 @@ def _validate(config: ml_collections.ConfigDict, mesh) -> None:
         if not _field(config, field):
             raise ConfigError(f"config.{field} is empty, and this experiment needs it: pass "
                               f"--config.{field}=PATH with {what}")
-    if config.distill.teacher and not config.distill.teacher_from:
-        raise ConfigError(f"config.distill.teacher={config.distill.teacher!r} needs its weights: "
-                          "pass --config.distill.teacher_from=PATH (a nets.weights .safetensors "
-                          "file or a training workdir)")
     try:
-        distill.check_weights(config.distill.alpha, config.distill.temperature)
+        task.validate(config)
     except ValueError as e:
-        raise ConfigError(f"config.distill: {e}") from None
+        raise ConfigError(str(e)) from None
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % mesh.size:
             raise ConfigError(f"config.{field}={config[field]} must be a multiple of the "
                               f"{mesh.size} devices the batch is sharded over")
+    return task
+
+
+class Variables(NamedTuple):
+    params: Any
+    state: Any
 
 
 def _model_init(config, model):
@@ -101,17 +112,22 @@ def init_state(config, model, optimizer_fn, mesh, prepare=None) -> tuple[TrainSt
     return state, optimizer
 
 
-def _load_init_from(config, params_shapes, state_shapes):
-    """(description, transfer.Loaded) of config.init_from merged over the model's shapes: the
-    leaves loaded as arrays, the fresh ones as ShapeDtypeStructs for `_over_fresh` to fill."""
+class InitFrom(NamedTuple):
+    description: str
+    loaded: transfer.Loaded
+
+
+def _load_init_from(config, shapes: Variables) -> InitFrom:
+    """config.init_from merged over the model's shapes: the leaves loaded as arrays, the fresh
+    ones as ShapeDtypeStructs for `_over_fresh` to fill."""
     try:
-        source = transfer.read_source(config.init_from, ema=config.init_from_ema)
-        head = nets.convert.head_module(config.model, **config.model_kwargs.to_dict())
-        loaded = transfer.merge(params_shapes, state_shapes, source, head=head,
+        source = read_weights(config.init_from, ema=config.init_from_ema)
+        head = nets.head_module(config.model, **config.model_kwargs.to_dict())
+        loaded = transfer.merge(shapes.params, shapes.state, source, head=head,
                                 reset_head=config.reset_head)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
-    return source.description, loaded
+    return InitFrom(source.description, loaded)
 
 
 def _over_fresh(loaded, params, model_state):
@@ -121,27 +137,52 @@ def _over_fresh(loaded, params, model_state):
             jax.tree.map(take, loaded.state, model_state))
 
 
-def evaluate(config, eval_fn, state: TrainState, mesh) -> dict[str, dict]:
-    """Top-1, top-5 and cross-entropy over the whole eval split, for the params and (when kept)
-    their EMA."""
-    variants = {"eval": (state.params, state.model_state)}
+class Evaluation(NamedTuple):
+    """A task's results (dicts of floats) for the trained parameters and for their EMA (None
+    when the run keeps none)."""
+
+    params: dict
+    ema: dict | None
+
+    def named(self) -> dict[str, tuple[str, dict]]:
+        """{metrics prefix: (label, result)}: "eval" for the parameters, "eval_ema" for the
+        EMA."""
+        named = {"eval": ("params", self.params)}
+        if self.ema is not None:
+            named["eval_ema"] = ("EMA params", self.ema)
+        return named
+
+    def final(self) -> tuple[str, dict]:
+        """(label, result) of the weights a run reports: the EMA where there is one."""
+        return ("EMA params", self.ema) if self.ema is not None else ("params", self.params)
+
+
+class Results(NamedTuple):
+    """What `run` returns: the final evaluation and the task's closing line, both None when
+    SIGTERM stopped the run before the end."""
+
+    step: int
+    evaluation: Evaluation | None
+    final_line: str | None
+
+
+def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh) -> Evaluation:
+    """The task's results over the whole eval split, for the params and (when kept) their
+    EMA."""
+    variants = {"params": (state.params, state.model_state)}
     if state.ema_params is not None:
-        variants["eval_ema"] = (state.ema_params, state.ema_model_state)
+        variants["ema"] = (state.ema_params, state.ema_model_state)
     sums = {name: None for name in variants}
     sharding = distributed.batch_sharded(mesh)
-    for local in data.eval_batches(config.data, global_batch=config.eval_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
+    for local in task.eval_data(config, process_index=jax.process_index(),
+                                process_count=jax.process_count()):
         batch = distributed.global_batch(local, sharding)
         for name, (params, model_state) in variants.items():
             out = eval_fn(params, model_state, batch)
             sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
-    results = {}
-    for name, total in jax.device_get(sums).items():
-        count = float(total["count"])
-        results[name] = {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
-                         "loss": float(total["loss"]) / count, "count": count}
-    return results
+    summed = jax.device_get(sums)
+    return Evaluation(task.summarize(summed["params"]),
+                      task.summarize(summed["ema"]) if "ema" in summed else None)
 
 
 def _check_finite(step_metrics: dict, step: int, ckpt: checkpoint.Checkpoints) -> None:
@@ -157,96 +198,103 @@ def _check_finite(step_metrics: dict, step: int, ckpt: checkpoint.Checkpoints) -
         "(config.optimizer.base_lr) or check the input data.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains to the end of the schedule (or until SIGTERM) and returns the final evaluation
-    ({"eval": {...}, "eval_ema": {...}}; empty when preempted)."""
+def _frozen_masks(config, shapes: Variables):
+    if not config.freeze:
+        return None
+    try:
+        return transfer.frozen_masks(config.freeze, shapes.params, shapes.state)
+    except ValueError as e:
+        raise ConfigError(f"config.freeze: {e}") from None
+
+
+def _objective(task: tasks.Task, config, model, dtype, mesh) -> steps.Objective:
+    try:
+        objective = task.objective(config, model, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if objective.extra is None:
+        return objective
+    return objective._replace(extra=jax.device_put(objective.extra,
+                                                   distributed.replicated(mesh)))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
+    """Trains to the end of the schedule (or until SIGTERM) and returns the final evaluation."""
     mesh = distributed.data_mesh()
-    _validate(config, mesh)
+    task = _validate(config, mesh)
     dtype = steps.compute_dtype(config.compute_dtype)
     model = nets.transformed(config.model, num_classes=config.data.num_classes,
                              **config.model_kwargs.to_dict())
     # Shapes only (nothing compiled): the checkpoint signature, the freeze masks and the checks
     # of init_from.
-    shapes = jax.eval_shape(_model_init(config, model), jax.random.key(0))
-    frozen = None
-    if config.freeze:
-        try:
-            frozen = transfer.frozen_masks(config.freeze, *shapes)
-        except ValueError as e:
-            raise ConfigError(f"config.freeze: {e}") from None
-    teacher = None
-    if config.distill.teacher_from:
-        try:
-            teacher, teacher_variables = distill.load_teacher(config.distill,
-                                                              config.data.num_classes)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"config.distill.teacher_from={config.distill.teacher_from!r}: "
-                              f"{e}") from None
-        teacher_variables = jax.device_put(teacher_variables, distributed.replicated(mesh))
-    train_data = data.train_iterator(config.data, global_batch=config.batch_size,
-                                     seed=config.seed, process_index=jax.process_index(),
+    shapes = Variables(*jax.eval_shape(_model_init(config, model), jax.random.key(0)))
+    frozen = _frozen_masks(config, shapes)
+    objective = _objective(task, config, model, dtype, mesh)   # config errors before the data
+    with contextlib.ExitStack() as cleanup:
+        train_data = task.train_data(config, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                                  checkpoint.model_signature(config, shapes[0]),
-                                  config.to_json())
-    start = ckpt.latest_step() or 0
-    loaded = None
-    if config.init_from and not start:   # resuming always wins over init_from
-        try:
-            loaded = _load_init_from(config, *shapes)
-        except ConfigError:
-            train_data.close()
-            ckpt.close()
-            raise
-    steps_per_epoch = train_data.num_examples / config.batch_size
-    total_steps = config.num_steps or max(1, round(config.num_epochs * steps_per_epoch))
-    schedule = optimizers.learning_rate(config.optimizer, config.batch_size, steps_per_epoch,
-                                        total_steps)
-    report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size)
-    if loaded is not None:
-        report.print(f"init_from {loaded[0]}: {loaded[1].summary()}")
-    state, optimizer = init_state(
-        config, model, lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule,
-                                                      frozen=frozen[0] if frozen else None),
-        mesh, prepare=None if loaded is None else functools.partial(_over_fresh, loaded[1]))
+        cleanup.callback(train_data.close)
+        ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                      config.keep_checkpoints,
+                                      checkpoint.model_signature(config, shapes.params),
+                                      config.to_json())
+        cleanup.callback(ckpt.close)
+        cleanup.callback(ckpt.wait)
+        start = ckpt.latest_step() or 0
+        # Resuming always wins over init_from.
+        init_from = _load_init_from(config, shapes) if config.init_from and not start else None
+        steps_per_epoch = train_data.num_examples / config.batch_size
+        total_steps = config.num_steps or max(1, round(config.num_epochs * steps_per_epoch))
+        schedule = optimizers.learning_rate(config.optimizer, config.batch_size,
+                                            steps_per_epoch, total_steps)
+        report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size,
+                                  task)
+        cleanup.callback(report.close)
+        if init_from is not None:
+            report.print(f"init_from {init_from.description}: {init_from.loaded.summary()}")
+        state, optimizer = init_state(
+            config, model,
+            lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule,
+                                           frozen=frozen.params if frozen else None),
+            mesh, prepare=None if init_from is None else functools.partial(_over_fresh,
+                                                                           init_from.loaded))
+        if start:
+            state, data_state = ckpt.restore(start, state)
+            train_data.set_state(data_state)
+            report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+                         + (" (config.init_from is for fresh runs only)" if config.init_from
+                            else ""))
+        if frozen is not None:
+            sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(shapes.params),
+                                                 jax.tree.leaves(frozen.params), strict=True)]
+            n_frozen = sum(size for size, f in sizes if f)
+            report.print(f"freeze {tuple(config.freeze)}: {n_frozen:,} parameters frozen (and "
+                         f"their BN statistics), {sum(s for s, _ in sizes) - n_frozen:,} "
+                         "trainable")
+        for note in objective.notes:
+            report.print(note)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        report.print(
+            f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
+            f"{total_steps} steps of {config.batch_size} images "
+            f"({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} "
+            f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), "
+            f"computing in {jnp.dtype(dtype).name}")
 
-    if start:
-        state, data_state = ckpt.restore(start, state)
-        train_data.set_state(data_state)
-        report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
-                     + (" (config.init_from is for fresh runs only)" if config.init_from else ""))
-    if frozen is not None:
-        sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(shapes[0]),
-                                             jax.tree.leaves(frozen[0]), strict=True)]
-        n_frozen = sum(size for size, f in sizes if f)
-        report.print(f"freeze {tuple(config.freeze)}: {n_frozen:,} parameters frozen (and "
-                     f"their BN statistics), {sum(s for s, _ in sizes) - n_frozen:,} trainable")
-    if teacher is not None:
-        report.print(f"distilling from {teacher.description} (eval mode): loss = "
-                     f"{teacher.alpha} * CE + {1 - teacher.alpha:g} * {teacher.temperature}^2 * "
-                     "KL; train/ce and train/kl in metrics.jsonl")
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    report.print(
-        f"training {config.model} ({n_params:,} parameters) on {config.data.name} for "
-        f"{total_steps} steps of {config.batch_size} images "
-        f"({total_steps / steps_per_epoch:.1f} epochs) over {mesh.size} {jax.default_backend()} "
-        f"device(s) in {jax.process_count()} process(es), "
-        f"computing in {jnp.dtype(dtype).name}")
-
-    train_fn = steps.train_step(model, optimizer, schedule, dtype=dtype,
-                                label_smoothing=config.label_smoothing,
-                                ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
-                                teacher=teacher)
-    teacher_args = (teacher_variables,) if teacher is not None else ()
-    eval_fn = steps.eval_step(model, mesh)
-    sharding = distributed.batch_sharded(mesh)
-    preemption = _Preemption()
-    history, previous = [], None
-    report.start(start)
-    try:
+        extra = objective.extra is not None
+        train_fn = steps.train_step(objective.loss, optimizer, schedule,
+                                    ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
+                                    extra=extra)
+        extra_args = (objective.extra,) if extra else ()
+        eval_fn = steps.eval_step(task.eval_sums(model), mesh)
+        sharding = distributed.batch_sharded(mesh)
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)
+        history, previous = [], None
+        report.start(start)
         for step in range(start + 1, total_steps + 1):
             batch = distributed.global_batch(next(train_data), sharding)
-            state, step_metrics = train_fn(state, batch, *teacher_args)
+            state, step_metrics = train_fn(state, batch, *extra_args)
             history.append(step_metrics)
             if previous is not None:   # one step behind, so the host never stalls the devices
                 _check_finite(previous, step - 1, ckpt)
@@ -264,15 +312,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.wait()
                 report.print(f"SIGTERM: saved the checkpoint at step {step} in "
                              f"{ckpt.directory}; run the same command to resume")
-                return {}
+                return Results(step, None, None)
             if config.eval_every and step % config.eval_every == 0 and not last:
-                report.eval(step, evaluate(config, eval_fn, state, mesh))
-        results = evaluate(config, eval_fn, state, mesh)
-        report.eval(total_steps, results)
-        return results
-    finally:
-        preemption.restore()
-        train_data.close()
-        ckpt.wait()
-        ckpt.close()
-        report.close()
+                report.eval(step, evaluate(task, config, eval_fn, state, mesh))
+        evaluation = evaluate(task, config, eval_fn, state, mesh)
+        report.eval(total_steps, evaluation)
+        return Results(total_steps, evaluation, task.final_line(*evaluation.final()))

@@ -25,9 +25,14 @@ def mean_metrics(history: list[dict]) -> dict:
 
 
 class Reporter:
-    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: float, batch_size: int):
+    """Writes what a run reports; the task's own words come from its `train_line` and
+    `eval_line` (training.tasks.Task)."""
+
+    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: float, batch_size: int,
+                 task):
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.batch_size = batch_size
+        self.task = task
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tensorboard = None
         if self.enabled:
@@ -65,20 +70,20 @@ class Reporter:
         scalars.update({"epoch": epoch, "images_per_sec": steps_per_sec * self.batch_size})
         self.write(step, scalars)
         self.print(f"step {step}/{self.total_steps} | epoch {epoch:.2f} | "
-                   f"loss {means['loss']:.4f} | top-1 {100 * means['top1']:.1f}% | "
+                   f"loss {means['loss']:.4f} | {self.task.train_line(means)} | "
                    f"lr {means['lr']:.4g} | {steps_per_sec * self.batch_size:.1f} img/s | "
                    f"ETA {format_duration(eta)}")
 
-    def eval(self, step: int, results: dict[str, dict]) -> None:
-        """results: {"eval": {top1, top5, loss, count}, "eval_ema": {...}}."""
-        scalars = {f"{prefix}/{k}": v for prefix, r in results.items() for k, v in r.items()
+    def eval(self, step: int, results) -> None:
+        """results: a training.loop.Evaluation; scalars "eval/<key>" for the parameters and
+        "eval_ema/<key>" for their EMA."""
+        named = results.named()
+        scalars = {f"{prefix}/{k}": v for prefix, (_, r) in named.items() for k, v in r.items()
                    if k != "count"}
         self.write(step, scalars)
-        for prefix, r in results.items():
-            label = "EMA params" if prefix.endswith("ema") else "params"
+        for label, r in named.values():
             self.print(f"eval at step {step} ({label}, {int(r['count'])} images): "
-                       f"top-1 {100 * r['top1']:.2f}% | top-5 {100 * r['top5']:.2f}% | "
-                       f"loss {r['loss']:.4f}")
+                       f"{self.task.eval_line(r)}")
 
     def close(self) -> None:
         if self.enabled:

@@ -46,13 +46,14 @@ def _optimizer(cfg, model, params, schedule):
     roles = nets.param_roles(model, params)
     decay_roles = tuple(cfg.decay_roles)
     unknown = set(decay_roles) - set(jax.tree.leaves(roles))
-    if unknown - {"weight", "gain", "bias", "skip_gain", "classifier_weight", "classifier_bias"}:
+    if unknown - set(nets.ROLES):
         raise ValueError(f"optimizer.decay_roles: unknown roles {sorted(unknown)}")
     if cfg.name == "sgd_agc":
         return optim.nfnet_optimizer(
             roles, schedule, stacked=nets.stacked_axes(model, params), clipping=cfg.agc_clipping,
             eps=cfg.agc_eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            decay_roles=decay_roles)
+            decay_roles=decay_roles,
+            classifier_roles=nets.registry.CLASSIFIER_ROLES)
     decay = optax.masked(optax.add_decayed_weights(cfg.weight_decay),
                          jax.tree.map(lambda role: role in decay_roles, roles))
     if cfg.name == "sgd":

@@ -1,10 +1,12 @@
-"""The jitted train and eval steps, sharded over the data mesh."""
+"""The jitted train and eval steps, sharded over the data mesh. Task-free: a task module
+(`training.tasks`) supplies the loss and the eval sums; this module differentiates, updates,
+keeps the EMA and shards."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,6 +14,17 @@ import optax
 import optim
 from training import distributed
 from training.state import TrainState
+
+
+class Objective(NamedTuple):
+    """What a task trains: `loss(params, model_state, rng, batch, extra)` returns
+    `(loss, (model_state, metrics))`, `metrics` a dict of scalars the task reports (e.g. top-1).
+    `extra` is a pytree every step receives replicated and never donates nor updates (a
+    distillation teacher's variables), or None; `notes` are lines the run prints once."""
+
+    loss: Callable
+    extra: Any = None
+    notes: tuple[str, ...] = ()
 
 
 def compute_dtype(name: str):
@@ -23,53 +36,11 @@ def compute_dtype(name: str):
     return jnp.dtype(name)
 
 
-def cross_entropy(logits, targets, label_smoothing: float = 0.0):
-    """Mean softmax cross-entropy against (possibly mixed) target distributions, smoothed after
-    mixing as the NFNet code does: y = (1 - s) y + s / C. Computed in float32."""
-    logits = logits.astype(jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
 def _ema(state: TrainState, params, model_state, decay: float):
     if not decay:
         return state.ema_params, state.ema_model_state
     return (optim.ema_update(state.ema_params, params, state.step, decay),
             optim.ema_update(state.ema_model_state, model_state, state.step, decay))
-
-
-def objective(model: hk.TransformedWithState, *, dtype, label_smoothing: float,
-              teacher=None, frozen_params=None) -> Callable:
-    """The training loss as a function of the parameters:
-    (params, model_state, rng, batch, teacher_variables) -> (loss, (logits, model_state, terms)).
-    With a `training.distill.Teacher`, the loss is `distill.loss` against the teacher's eval-mode
-    logits on the same images, `terms` its two parts {"ce", "kl"}; the teacher's variables
-    (params, state) pass under stop_gradient, so no gradient reaches them. `frozen_params` (a
-    mask, training.transfer.frozen_masks) stops the gradient at frozen leaves, which spares
-    their backward pass."""
-
-    def loss_fn(params, model_state, rng, batch, teacher_variables=None):
-        if frozen_params is not None:
-            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                                  frozen_params)
-        images = batch["images"].astype(dtype)
-        logits, model_state = model.apply(params, model_state, rng, images, is_training=True)
-        logits = logits.astype(jnp.float32)
-        if teacher is None:
-            return cross_entropy(logits, batch["targets"], label_smoothing), (logits, model_state,
-                                                                              {})
-        from training import distill   # distill builds on cross_entropy above
-
-        teacher_params, teacher_state = jax.lax.stop_gradient(teacher_variables)
-        teacher_logits, _ = teacher.model.apply(teacher_params, teacher_state, None, images,
-                                                is_training=False)
-        ce, kl = distill.terms(logits, teacher_logits, batch["targets"], teacher.temperature,
-                               label_smoothing)
-        loss = distill.combine(ce, kl, teacher.alpha, teacher.temperature)
-        return loss, (logits, model_state, {"ce": ce, "kl": kl})
-
-    return loss_fn
 
 
 def _keep(mask, old, new):
@@ -79,27 +50,32 @@ def _keep(mask, old, new):
     return jax.tree.map(lambda f, o, n: o if f else n, mask, old, new)
 
 
-def train_step(model: hk.TransformedWithState, optimizer: optax.GradientTransformation,
-               schedule: Callable, *, dtype, label_smoothing: float, ema_decay: float,
-               mesh, frozen=None, teacher=None) -> Callable:
-    """(state, batch) -> (state, metrics); the state is donated. The step's randomness
-    (dropout, stochastic depth) is fold_in(rng, step) over the global batch, so it does not
-    depend on how many devices share the batch.
+def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule: Callable, *,
+               ema_decay: float, mesh, frozen=None, extra: bool = False) -> Callable:
+    """(state, batch[, extra]) -> (state, metrics); the state is donated. `loss` is an
+    `Objective.loss`; metrics are its own plus loss, lr, grad_norm and param_norm. The step's
+    randomness (dropout, stochastic depth) is fold_in(rng, step) over the global batch, so it
+    does not depend on how many devices share the batch.
 
     frozen: (params mask, state mask) from training.transfer.frozen_masks, or None; the
-    optimizer must zero the frozen updates (training.optimizers.optimizer(frozen=...)); the
-    step keeps the frozen BatchNorm statistics and EMA leaves as they were.
-    teacher: a training.distill.Teacher; the step is then (state, batch, teacher_variables),
-    the teacher's (params, state) replicated and not donated."""
+    gradient stops at frozen parameters (sparing their backward pass), the optimizer must zero
+    their updates (training.optimizers.optimizer(frozen=...)), and the step keeps the frozen
+    BatchNorm statistics and EMA leaves as they were.
+    extra=True: the step takes the objective's `extra` as a third argument, replicated and not
+    donated."""
     frozen_params, frozen_state = frozen if frozen is not None else (None, None)
-    loss_fn = objective(model, dtype=dtype, label_smoothing=label_smoothing, teacher=teacher,
-                        frozen_params=frozen_params)
 
-    def step(state: TrainState, batch, teacher_variables=None):
+    def loss_of_params(params, model_state, rng, batch, extra_inputs):
+        if frozen_params is not None:
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                                  frozen_params)
+        return loss(params, model_state, rng, batch, extra_inputs)
+
+    def step(state: TrainState, batch, extra_inputs=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, (logits, model_state, terms)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params, state.model_state, rng, batch,
-                                   teacher_variables)
+        (value, (model_state, task_metrics)), grads = jax.value_and_grad(
+            loss_of_params, has_aux=True)(state.params, state.model_state, rng, batch,
+                                          extra_inputs)
         model_state = _keep(frozen_state, state.model_state, model_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -108,12 +84,11 @@ def train_step(model: hk.TransformedWithState, optimizer: optax.GradientTransfor
         ema_params = _keep(frozen_params, state.ema_params, ema_params)
         ema_model_state = _keep(frozen_state, state.ema_model_state, ema_model_state)
         metrics = {
-            "loss": loss,
-            "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)),
+            "loss": value,
+            **task_metrics,
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
-            **terms,
         }
         new_state = TrainState(state.step + 1, state.rng, params, model_state, opt_state,
                                ema_params, ema_model_state)
@@ -121,30 +96,15 @@ def train_step(model: hk.TransformedWithState, optimizer: optax.GradientTransfor
 
     replicated = distributed.replicated(mesh)
     in_shardings = (replicated, distributed.batch_sharded(mesh))
-    if teacher is not None:
+    if extra:
         in_shardings += (replicated,)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
                    donate_argnums=0)
 
 
-def eval_step(model: hk.TransformedWithState, mesh) -> Callable:
-    """(params, model_state, batch) -> sums over the unmasked examples of the global batch:
-    top-1 and top-5 correct, un-smoothed cross-entropy, count. Runs in float32."""
-
-    def step(params, model_state, batch):
-        logits, _ = model.apply(params, model_state, None, batch["images"], is_training=False)
-        logits = logits.astype(jnp.float32)
-        labels, mask = batch["labels"], batch["mask"].astype(jnp.float32)
-        k = min(5, logits.shape[-1])
-        top_k = jax.lax.top_k(logits, k)[1]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "top1": jnp.sum((top_k[:, 0] == labels) * mask),
-            "top5": jnp.sum(jnp.any(top_k == labels[:, None], -1) * mask),
-            "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask),
-        }
-
+def eval_step(sums: Callable, mesh) -> Callable:
+    """`sums(params, model_state, batch)` (a task's eval sums over the unmasked examples of
+    the global batch) jitted with the batch sharded and the result replicated."""
     replicated = distributed.replicated(mesh)
-    return jax.jit(step, in_shardings=(replicated, replicated, distributed.batch_sharded(mesh)),
+    return jax.jit(sums, in_shardings=(replicated, replicated, distributed.batch_sharded(mesh)),
                    out_shardings=replicated)

@@ -1,7 +1,7 @@
 """Transfer learning: start a run from other weights and freeze chosen parts of the model.
 
-    source = transfer.read_source("runs/resnet50-local")       # or a nets.weights .safetensors
-    loaded = transfer.merge(params, state, source, head=nets.convert.head_module("resnet50"))
+    source = training.weight_sources.read("runs/resnet50-local")   # or a weights file
+    loaded = transfer.merge(params, state, source, head=nets.head_module("resnet50"))
     frozen_params, frozen_state = transfer.frozen_masks(("conv1", "bn1", "layer1_"), params, state)
 
 `merge` loads non-strictly, as torch's `load_state_dict(strict=False)` does: every leaf of the
@@ -22,27 +22,16 @@ Haiku module has one `is_training` for the whole forward.
 
 from __future__ import annotations
 
-import os
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 import nets
 from nets.registry import module_path
+from training import weight_sources
 
 _SHOWN = 5   # names listed in a log line or error; whole lists can be hundreds long
-
-
-class Source(NamedTuple):
-    """Weights read from a file or a training checkpoint, as nested {module: {leaf: array}}."""
-
-    model: str
-    num_classes: int
-    overrides: dict[str, Any]
-    params: dict
-    state: dict
-    description: str
 
 
 class Loaded(NamedTuple):
@@ -75,47 +64,11 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
 
 
-def _nested(flat: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    trees: dict[str, dict] = {"params": {}, "state": {}}
-    for key, value in flat.items():
-        collection, rest = key.split("/", 1)
-        module, leaf = rest.rsplit("/", 1)
-        trees.setdefault(collection, {}).setdefault(module, {})[leaf] = value
-    return trees["params"], trees["state"]
-
-
-def read_source(path, *, ema: bool = False) -> Source:
-    """The weights at `path`: a `nets.weights.save` file, or a training run's workdir, its
-    checkpoints directory or one step's directory (the newest step unless one is named; ema=True
-    takes the run's EMA parameters and statistics)."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        if ema:
-            raise ValueError(f"{path} is a weights file; the EMA option applies to training "
-                             "checkpoints only (a file holds one set of weights).")
-        meta = nets.weights.read_metadata(path)   # refuses foreign files, naming tools.convert
-        from safetensors.numpy import load_file
-
-        params, state = _nested(load_file(path))
-        return Source(meta["model"], meta["num_classes"], meta["overrides"], params, state,
-                      f"{meta['model']} weights {path}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no weights file or training workdir at {path}")
-    info = nets.weights.checkpoint_model(path)
-    name, params, state = nets.weights.from_checkpoint(path, step=info["step"], ema=ema)
-    to_numpy = lambda tree: {m: {k: np.asarray(v) for k, v in leaves.items()}
-                             for m, leaves in tree.items()}
-    return Source(name, info["num_classes"], info["overrides"], to_numpy(params),
-                  to_numpy(state),
-                  f"{name} checkpoint at step {info['step']}{' (EMA)' if ema else ''} in "
-                  f"{os.path.abspath(path)}")
-
-
-def merge(params, state, source: Source, *, head: str | None, reset_head: bool = False
-          ) -> Loaded:
+def merge(params, state, source: weight_sources.Source, *, head: str | None,
+          reset_head: bool = False) -> Loaded:
     """`params` and `state` (a fresh init) with every leaf the source has at the same path and
     shape replaced by the source's (as numpy arrays of the fresh leaf's dtype). `head` is the
-    classifier's module path (nets.convert.head_module); it keeps its fresh init when
+    classifier's module path (nets.head_module); it keeps its fresh init when
     `reset_head` or when its shape differs. Any other shape mismatch is a ValueError naming the
     leaves."""
     loaded, missing, mismatched, head_shapes = 0, [], [], None
@@ -146,7 +99,7 @@ def merge(params, state, source: Source, *, head: str | None, reset_head: bool =
     new_params, new_state = fill("params", params, source.params), fill("state", state,
                                                                          source.state)
     if mismatched:
-        raise ValueError(nets.convert.mismatch_report(
+        raise ValueError(nets.introspect.mismatch_report(
             f"{source.description} does not fit this model beyond its head (only the "
             f"classifier {head} may change shape):", mismatched=mismatched))
     unexpected = sorted(f"{collection}/{module}/{leaf}"
@@ -165,7 +118,14 @@ def merge(params, state, source: Source, *, head: str | None, reset_head: bool =
     return Loaded(new_params, new_state, loaded, total, missing, head_fresh, unexpected)
 
 
-def frozen_masks(patterns, params, state) -> tuple[dict, dict]:
+class Masks(NamedTuple):
+    """True for each frozen leaf of the parameters and of the model state."""
+
+    params: dict
+    state: dict
+
+
+def frozen_masks(patterns, params, state) -> Masks:
     """(params mask, state mask): True for every leaf of a module whose path without the root
     matches one of `patterns` (re.match). A pattern that matches no module is a ValueError that
     shows what the paths look like."""
@@ -192,4 +152,4 @@ def frozen_masks(patterns, params, state) -> tuple[dict, dict]:
         return {m: {leaf: any(c.match(module_path(m)) for c in compiled) for leaf in leaves}
                 for m, leaves in tree.items()}
 
-    return mask(params), mask(state)
+    return Masks(mask(params), mask(state))

@@ -1,0 +1,220 @@
+"""The classification task's examples: {"image", "label"} from a source, made into train batches
+{"images", "targets" (one-hot or mixed distributions)} and eval batches {"images", "labels",
+"mask"}, on the shared sampler (data/sampler.py: order, host shards, seeded randomness,
+iterator state).
+
+Train images: decode the crop only -> flip -> resize (`image_ops`: TF's or torchvision's) ->
+[RandAugment] -> [MixUp / CutMix of pairs] -> [RandAugment after mixing: the NFNet default]
+-> normalise. RandAugment always sees the image clipped to [0, 255] and truncated to uint8, as
+the official pipeline casts it.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from data import augment, decode, randaugment, resize, sampler, sources
+from data.sampler import Sharding, example_rng
+
+# What this task reads of each example.
+FEATURES = ("image", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The plain, picklable part of the data config that workers need."""
+
+    train_size: int
+    test_size: int
+    eval_preprocess: str
+    crop_fraction: float
+    image_ops: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    random_resized_crop: bool
+    min_area: float
+    flip: bool
+    mixup_alpha: float
+    cutmix: bool
+    randaugment_layers: int
+    randaugment_magnitude: float
+    augment_before_mix: bool
+    num_classes: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Recipe":
+        choices = {"eval_preprocess": augment.EVAL_PREPROCESSORS,
+                   "image_ops": augment.IMAGE_OPS,
+                   "interpolation": tuple(sorted(resize.INTERPOLATIONS))}
+        for field, allowed in choices.items():
+            if cfg[field] not in allowed:
+                raise ValueError(f"unknown data.{field} {cfg[field]!r}; choose from {allowed}")
+        if cfg.image_ops == "tf" and cfg.interpolation != "bicubic":
+            raise ValueError("data.image_ops='tf' resizes bicubically (TF's pipelines); set "
+                             "data.interpolation='bicubic' or data.image_ops='torchvision'")
+        if cfg.randaugment_layers < 0 or cfg.mixup_alpha < 0:
+            raise ValueError("data.randaugment_layers and data.mixup_alpha must be >= 0")
+        names = [field.name for field in dataclasses.fields(cls)]
+        values = {name: cfg[name] for name in names}
+        values["mean"], values["std"] = tuple(cfg.mean), tuple(cfg.std)
+        return cls(**values)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix
+
+    @property
+    def examples_per_row(self) -> int:
+        return 2 if self.mixes else 1
+
+
+def _randaugment(image: np.ndarray, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    pixels = np.clip(image, 0.0, 255.0).astype(np.uint8)   # TF's cast truncates
+    pixels = randaugment.randaugment(pixels, rng, recipe.randaugment_layers,
+                                     recipe.randaugment_magnitude)
+    return pixels.astype(np.float32)
+
+
+def train_image(image, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    """Encoded or decoded image -> float32 (train_size, train_size, 3), before mixing."""
+    size = recipe.train_size
+    if recipe.random_resized_crop:
+        height, width = decode.image_size(image)
+        box = augment.train_crop_box(rng, height, width, recipe.image_ops, recipe.min_area,
+                                     size)
+        pixels = decode.decode(image, box)
+        if recipe.flip:
+            pixels = augment.random_flip(pixels, rng)
+        return augment.resize_to(pixels, size, recipe.image_ops, recipe.interpolation)
+    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess, size,
+                                     recipe.crop_fraction, recipe.image_ops,
+                                     recipe.interpolation)
+    return augment.random_flip(pixels, rng) if recipe.flip else pixels
+
+
+def eval_image(image, recipe: Recipe) -> np.ndarray:
+    """Encoded or decoded image -> normalised float32 (test_size, test_size, 3)."""
+    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess,
+                                     recipe.test_size, recipe.crop_fraction, recipe.image_ops,
+                                     recipe.interpolation)
+    return augment.normalize(pixels, recipe.mean, recipe.std)
+
+
+def eval_preprocessor(cfg):
+    """image (encoded bytes or uint8 HWC) -> the model's input, exactly as evaluation prepares
+    it; `cfg` is a config's `data` section, e.g. from a checkpoint's recorded config."""
+    return functools.partial(eval_image, recipe=Recipe.from_config(cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatchMaker:
+    """step -> this process's train batch; a picklable callable for grain's workers."""
+
+    source: object
+    recipe: Recipe
+    sharding: Sharding
+    seed: int
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        recipe, seed = self.recipe, self.seed
+        positions, indices = sampler.stream_examples(seed, step, self.sharding,
+                                                     len(self.source), recipe.examples_per_row)
+        augment_each = recipe.randaugment_layers > 0 and (recipe.augment_before_mix
+                                                          or not recipe.mixes)
+        images, labels = [], []
+        for position, index in zip(positions, indices):
+            example = self.source[int(index)]
+            image = train_image(example["image"],
+                                example_rng(seed, sampler.EXAMPLE_STREAM, position), recipe)
+            if augment_each:
+                image = _randaugment(
+                    image, example_rng(seed, sampler.RANDAUGMENT_EXAMPLE_STREAM, position), recipe)
+            images.append(image)
+            labels.append(example["label"])
+        targets = augment.one_hot(np.asarray(labels), recipe.num_classes)
+        if recipe.mixes:
+            images, targets = self._mix(step, images, targets)
+        return {"images": augment.normalize(np.stack(images), recipe.mean, recipe.std),
+                "targets": targets}
+
+    def _mix(self, step: int, images: list, targets: np.ndarray) -> tuple[list, np.ndarray]:
+        recipe, seed = self.recipe, self.seed
+        augment_after = recipe.randaugment_layers > 0 and not recipe.augment_before_mix
+        mixed_images, mixed_targets = [], []
+        for i, row in enumerate(self.sharding.global_positions(step)):
+            kind = augment.mix_kind(int(row), recipe.mixup_alpha > 0, recipe.cutmix)
+            image, target = augment.mix_pair(
+                kind, images[2 * i], images[2 * i + 1], targets[2 * i], targets[2 * i + 1],
+                example_rng(seed, sampler.MIX_STREAM, row), recipe.mixup_alpha)
+            if augment_after:
+                image = _randaugment(
+                    image, example_rng(seed, sampler.RANDAUGMENT_ROW_STREAM, row), recipe)
+            mixed_images.append(image)
+            mixed_targets.append(target)
+        return mixed_images, np.stack(mixed_targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatchMaker:
+    """step -> this process's eval batch, padded with mask False past the split's end."""
+
+    source: object
+    recipe: Recipe
+    sharding: Sharding
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        size = self.recipe.test_size
+        batch = self.sharding.local_batch
+        images = np.zeros((batch, size, size, 3), np.float32)
+        labels = np.zeros((batch,), np.int32)
+        mask = self.sharding.global_positions(step) < len(self.source)
+        for row, position in enumerate(self.sharding.global_positions(step)[mask]):
+            example = self.source[int(position)]
+            images[row] = eval_image(example["image"], self.recipe)
+            labels[row] = example["label"]
+        return {"images": images, "labels": labels, "mask": mask}
+
+
+def _source(cfg, split: str):
+    return sources.open_source(cfg.name, split, sources.data_dir(cfg.data_dir),
+                               features=FEATURES, task="classification")
+
+
+def _check_num_classes(cfg) -> None:
+    dataset_classes = sources.num_classes(cfg.name, sources.data_dir(cfg.data_dir))
+    if dataset_classes > cfg.num_classes:
+        raise ValueError(f"{cfg.name} has {dataset_classes} classes but data.num_classes is "
+                         f"{cfg.num_classes}")
+
+
+def train_iterator(cfg, *, global_batch: int, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> sampler.TrainIterator:
+    """Infinite host-local train batches of the dataset `cfg` (a config's `data`) names."""
+    source = _source(cfg, cfg.train_split)   # a missing dataset is the first thing to say
+    recipe = Recipe.from_config(cfg)
+    _check_num_classes(cfg)
+    per_step = global_batch * recipe.examples_per_row
+    if len(source) < per_step:
+        raise ValueError(f"a step reads {per_step} examples (global batch {global_batch}"
+                         f"{' x 2 to mix' if recipe.mixes else ''}), more than the "
+                         f"{len(source)} of {cfg.name}:{cfg.train_split}")
+    sharding = Sharding(global_batch, process_index, process_count)
+    return sampler.TrainIterator(TrainBatchMaker(source, recipe, sharding, int(seed)),
+                                 num_examples=len(source), sharding=sharding, seed=seed,
+                                 workers=cfg.workers)
+
+
+def eval_batches(cfg, *, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> sampler.EvalBatches:
+    """The eval split in order, host-sharded, padded with mask False past its end."""
+    source = _source(cfg, cfg.eval_split)
+    sharding = Sharding(global_batch, process_index, process_count)
+    return sampler.EvalBatches(EvalBatchMaker(source, Recipe.from_config(cfg), sharding),
+                               num_examples=len(source), global_batch=global_batch,
+                               workers=cfg.workers)
+
+
+def num_train_examples(cfg) -> int:
+    return len(_source(cfg, cfg.train_split))

@@ -1,0 +1,111 @@
+"""The classification task: softmax cross-entropy on (possibly mixed) target distributions,
+train top-1, and evaluation by top-1 / top-5 / cross-entropy over the whole eval split."""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+
+import data
+from training import steps
+from training.tasks import Task
+
+
+def cross_entropy(logits, targets, label_smoothing: float = 0.0):
+    """Mean softmax cross-entropy against (possibly mixed) target distributions, smoothed after
+    mixing as the NFNet code does: y = (1 - s) y + s / C. Computed in float32."""
+    logits = logits.astype(jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def forward(model: hk.TransformedWithState, params, model_state, rng, images, dtype):
+    """Training-mode logits (float32) and the updated model state."""
+    logits, model_state = model.apply(params, model_state, rng, images.astype(dtype),
+                                      is_training=True)
+    return logits.astype(jnp.float32), model_state
+
+
+def train_metrics(logits, targets) -> dict:
+    """Top-1 against the targets' argmax (the larger share of a mixed pair)."""
+    return {"top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
+
+
+def objective(model: hk.TransformedWithState, *, dtype, label_smoothing: float):
+    """The loss `steps.Objective` wants: cross-entropy of the training-mode forward."""
+
+    def loss(params, model_state, rng, batch, extra=None):
+        logits, model_state = forward(model, params, model_state, rng, batch["images"], dtype)
+        return (cross_entropy(logits, batch["targets"], label_smoothing),
+                (model_state, train_metrics(logits, batch["targets"])))
+
+    return loss
+
+
+def validate(config) -> None:
+    if config.distill.teacher_from or config.distill.teacher:
+        raise ValueError("config.distill is read by the distillation task: add "
+                         "--config.task=distillation (experiments/distill_mobilenet_v2.py sets it)")
+
+
+def _objective(config, model, *, dtype) -> steps.Objective:
+    return steps.Objective(objective(model, dtype=dtype, label_smoothing=config.label_smoothing))
+
+
+def train_data(config, *, process_index: int, process_count: int):
+    return data.train_iterator(config.data, global_batch=config.batch_size, seed=config.seed,
+                               process_index=process_index, process_count=process_count)
+
+
+def eval_data(config, *, process_index: int, process_count: int):
+    return data.eval_batches(config.data, global_batch=config.eval_batch_size,
+                             process_index=process_index, process_count=process_count)
+
+
+def eval_sums(model: hk.TransformedWithState):
+    """(params, model_state, batch) -> sums over the unmasked examples of the batch: top-1 and
+    top-5 correct, un-smoothed cross-entropy, count. Runs in float32."""
+
+    def sums(params, model_state, batch):
+        logits, _ = model.apply(params, model_state, None, batch["images"], is_training=False)
+        logits = logits.astype(jnp.float32)
+        labels, mask = batch["labels"], batch["mask"].astype(jnp.float32)
+        k = min(5, logits.shape[-1])
+        top_k = jax.lax.top_k(logits, k)[1]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "top1": jnp.sum((top_k[:, 0] == labels) * mask),
+            "top5": jnp.sum(jnp.any(top_k == labels[:, None], -1) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return sums
+
+
+def summarize(total) -> dict:
+    count = float(total["count"])
+    return {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
+            "loss": float(total["loss"]) / count, "count": count}
+
+
+def train_line(means) -> str:
+    return f"top-1 {100 * means['top1']:.1f}%"
+
+
+def eval_line(result) -> str:
+    return (f"top-1 {100 * result['top1']:.2f}% | top-5 {100 * result['top5']:.2f}% | "
+            f"loss {result['loss']:.4f}")
+
+
+def final_line(label: str, result) -> str:
+    return (f"test accuracy ({label}): top-1 {100 * result['top1']:.2f}%, "
+            f"top-5 {100 * result['top5']:.2f}%")
+
+
+TASK = Task(name="classification", validate=validate, objective=_objective,
+            train_data=train_data, eval_data=eval_data, eval_sums=eval_sums, summarize=summarize,
+            train_line=train_line, eval_line=eval_line, final_line=final_line)

@@ -1,0 +1,134 @@
+"""One reader for every kind of weights a run or a tool starts from:
+
+- a `nets.weights` file (.safetensors written by `nets.weights.save` or `tools.convert`);
+- a training run (its workdir, checkpoints directory or one step's directory; ema=True: the EMA);
+- a PyTorch state dict of a variant's reference (.pth / .pt / .bin read with
+  `torch.load(weights_only=True)`, or a PyTorch .safetensors), converted by
+  `nets.convert.from_torch`; training scripts' containers ({"state_dict": ...}, {"model": ...})
+  are unwrapped.
+
+    source = weight_sources.read("runs/resnet50-local", ema=True)
+    source = weight_sources.read("resnet50.pth", model="resnet50")
+    source.model, source.num_classes, source.overrides, source.params, source.state
+
+Nothing is unpickled. Transfer learning, distillation and the tools read weights here only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import nets
+from training import checkpoint
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+class Source(NamedTuple):
+    """Weights as nested {module: {leaf: array}} trees, with the model they are for."""
+
+    model: str
+    num_classes: int
+    overrides: dict[str, Any]
+    params: dict
+    state: dict
+    description: str
+
+
+def read_torch_state_dict(path) -> dict:
+    """A PyTorch state dict {name: tensor or array} from .pth / .pt / .bin (no unpickling of
+    anything but tensors) or .safetensors, unwrapped from the {"state_dict": ...} or
+    {"model": ...} containers training scripts (timm's among them) save."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    import torch
+
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    return loaded
+
+
+def _nested(flat: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    trees: dict[str, dict] = {"params": {}, "state": {}}
+    for key, value in flat.items():
+        collection, rest = key.split("/", 1)
+        module, leaf = rest.rsplit("/", 1)
+        trees.setdefault(collection, {}).setdefault(module, {})[leaf] = value
+    return trees["params"], trees["state"]
+
+
+def _weights_file(path: str) -> Source:
+    meta = nets.weights.read_metadata(path)
+    from safetensors.numpy import load_file
+
+    params, state = _nested(load_file(path))
+    return Source(meta["model"], meta["num_classes"], meta["overrides"], params, state,
+                  f"{meta['model']} weights {path}")
+
+
+def read(path, *, model: str | None = None, num_classes: int | None = None,
+         ema: bool = False) -> Source:
+    """The weights at `path` (see the module docstring). `model` and `num_classes` are needed
+    for a PyTorch state dict only (num_classes defaults to its head's); weights files and runs
+    say what they hold. ema=True applies to training runs only."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        run = checkpoint.read_weights(path, ema=ema)
+        to_numpy = lambda tree: {m: {k: np.asarray(v) for k, v in leaves.items()}
+                                 for m, leaves in tree.items()}
+        return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
+                      to_numpy(run.state),
+                      f"{run.model} checkpoint at step {run.step}{' (EMA)' if ema else ''} in "
+                      f"{os.path.abspath(path)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file or training workdir at {path}")
+    if ema:
+        raise ValueError(f"{path} is a weights file; the EMA option applies to training "
+                         "checkpoints only (a file holds one set of weights).")
+    if path.endswith(".safetensors") and nets.weights.is_weights_file(path):
+        return _weights_file(path)
+    if not path.endswith((*TORCH_SUFFIXES, ".safetensors")):
+        raise ValueError(f"{path}: weights must be a nets.weights .safetensors file, a PyTorch "
+                         f"state dict ({', '.join(TORCH_SUFFIXES)} or .safetensors) or a "
+                         "training workdir")
+    if model is None:
+        raise ValueError(f"{path} is not a nets.weights file; read as a PyTorch state dict it "
+                         "needs the model it is for. Convert it once with: python -m "
+                         "tools.convert --from torch SRC --model NAME --out OUT.safetensors")
+    params, state = nets.convert.from_torch(model, read_torch_state_dict(path), num_classes)
+    return Source(model, nets.introspect.num_classes_of(model, params), {}, params, state,
+                  f"{model} PyTorch state dict {path}")
+
+
+def variables(source: Source, model: str | None = None, num_classes: int | None = None,
+              **overrides):
+    """`(params, state)` of `source` as float32 jax trees for `model` (default: the source's),
+    checked strictly: one ValueError lists every missing, unexpected or mismatched leaf.
+    num_classes defaults to the source's; overrides to the source's, updated by those given
+    (for another model than the source's, only those given)."""
+    import jax.numpy as jnp
+
+    model = model or source.model
+    if model == source.model:
+        overrides = {**source.overrides, **overrides}
+    num_classes = source.num_classes if num_classes is None else num_classes
+    found = {**nets.weights.flatten("params", source.params),
+             **nets.weights.flatten("state", source.state)}
+    expected, _, _ = nets.weights.check_against_model(
+        model, num_classes, overrides, found, strict=True,
+        header=f"{source.description} does not fit {model} (num_classes={num_classes}"
+               + "".join(f", {k}={v!r}" for k, v in sorted(overrides.items())) + "):")
+    trees: dict[str, dict] = {"params": {}, "state": {}}
+    for key, spec in expected.items():
+        collection, rest = key.split("/", 1)
+        module, leaf = rest.rsplit("/", 1)
+        trees[collection].setdefault(module, {})[leaf] = jnp.asarray(found[key], spec.dtype)
+    return trees["params"], trees["state"]
