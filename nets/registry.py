@@ -115,6 +115,7 @@ def head_module(name: str, **overrides) -> str | None:
     info = model_info(name)
     if info.classifier is None:
         return None
+    overrides.pop("fused", None)  # `transformed`'s option (as in shapes(...)); names unchanged
     root = hk.transform(lambda: create(name, 1, **overrides).module_name).apply({}, None)
     return f"{root}/{info.classifier}"
 

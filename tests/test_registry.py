@@ -117,3 +117,50 @@ def test_multiply_adds_equal_the_reference_table(name, source, reference_counts)
 
     row = reference_counts[(source, name)]
     assert multiply_adds(name, row["input_res"]) / 1e9 == pytest.approx(row["gmacs"], abs=6e-4)
+
+
+def test_the_head_is_the_declared_classifier_under_the_root():
+    assert nets.head_module("resnet50") == "resnet/fc"
+    assert nets.head_module("nfnet_f0") == "nfnet/linear"
+    assert nets.head_module("efficientnet_b0") == "efficientnet/predictions"
+    params, _ = nets.introspect.shapes("resnet18", 10)
+    assert nets.introspect.num_classes_of("resnet18", params) == 10
+    no_head, _ = nets.introspect.shapes("resnet18", 0)
+    assert nets.introspect.num_classes_of("resnet18", no_head) == 0
+
+
+def test_a_model_without_a_classifier_declares_none():
+    import dataclasses
+
+    from nets import registry
+
+    info = dataclasses.replace(nets.model_info("resnet18"), name="headless_test",
+                               classifier=None, task="detection",
+                               preprocessing=nets.Preprocessing(crop_fraction=None))
+    registry._MODELS[info.name] = info
+    try:
+        assert nets.head_module("headless_test") is None
+        params, _ = nets.introspect.shapes("headless_test", 10)
+        roles = nets.param_roles("headless_test", params)
+        assert "classifier_weight" not in jax.tree.leaves(roles)
+    finally:
+        del registry._MODELS[info.name]
+
+
+def test_roles_come_from_one_vocabulary_and_unknown_leaves_say_where_to_declare():
+    params, _ = nets.introspect.shapes("resnet18", 10)
+    roles = nets.param_roles("resnet18", params)
+    assert set(jax.tree.leaves(roles)) <= set(nets.ROLES)
+    assert roles["resnet/fc"] == {"w": "classifier_weight", "b": "classifier_bias"}
+    odd = {**params, "resnet/odd": {"alpha": jnp.zeros(3)}}
+    with pytest.raises(ValueError, match=r"resnet18.*resnet/odd/alpha.*'alpha'.*LEAF_ROLES"):
+        nets.param_roles("resnet18", odd)
+    nets.declare_leaf_role("alpha", "gain")
+    try:
+        assert nets.param_roles("resnet18", odd)["resnet/odd"] == {"alpha": "gain"}
+        with pytest.raises(ValueError, match="already has the role"):
+            nets.declare_leaf_role("alpha", "weight")
+    finally:
+        del nets.LEAF_ROLES["alpha"]
+    with pytest.raises(ValueError, match="role 'classifier_weight'"):
+        nets.declare_leaf_role("beta", "classifier_weight")

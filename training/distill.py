@@ -82,11 +82,12 @@ def check_weights(alpha: float, temperature: float) -> None:
 
 def load_teacher(cfg, num_classes: int) -> tuple[Teacher, tuple[dict, dict]]:
     """The teacher `cfg` (config.distill) names and its (params, state): `teacher_from` is a
-    nets.weights file or a training workdir (teacher_ema: its EMA); `teacher`, when set, must be
-    the model those weights are for. The teacher must predict the `num_classes` classes of the
-    student's data."""
+    nets.weights file, a training workdir (teacher_ema: its EMA) or a PyTorch state dict of
+    `teacher`'s reference; `teacher`, when set, must be the model those weights are for. The
+    teacher must predict the `num_classes` classes of the student's data."""
     check_weights(cfg.alpha, cfg.temperature)
-    source = weight_sources.read(cfg.teacher_from, ema=cfg.teacher_ema)
+    source = weight_sources.read(cfg.teacher_from, model=cfg.teacher or None,
+                                 ema=cfg.teacher_ema)
     if cfg.teacher and cfg.teacher != source.model:
         raise ValueError(f"distill.teacher={cfg.teacher!r}, but {source.description} holds "
                          f"{source.model}; leave distill.teacher empty to use the weights' model")
@@ -94,14 +95,10 @@ def load_teacher(cfg, num_classes: int) -> tuple[Teacher, tuple[dict, dict]]:
         raise ValueError(f"the teacher {source.description} predicts {source.num_classes} "
                          f"classes, the data has {num_classes}: a teacher must predict the "
                          "student's classes (fine-tune it on this data first)")
-    nets.weights.check_against_model(
-        source.model, num_classes, source.overrides,
-        {**nets.weights.flatten("params", source.params),
-         **nets.weights.flatten("state", source.state)},
-        strict=True, header=f"{source.description} is incomplete for its model:")
+    variables = weight_sources.variables(source)   # complete for its model, or an error
     model = nets.transformed(source.model, num_classes=num_classes, **source.overrides)
     teacher = Teacher(model, float(cfg.alpha), float(cfg.temperature), source.description)
-    return teacher, (source.params, source.state)
+    return teacher, variables
 
 
 def objective(model: hk.TransformedWithState, teacher: Teacher, *, dtype,

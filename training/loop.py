@@ -121,7 +121,8 @@ def _load_init_from(config, shapes: Variables) -> InitFrom:
     """config.init_from merged over the model's shapes: the leaves loaded as arrays, the fresh
     ones as ShapeDtypeStructs for `_over_fresh` to fill."""
     try:
-        source = read_weights(config.init_from, ema=config.init_from_ema)
+        # A PyTorch state dict is read as the reference of this run's model.
+        source = read_weights(config.init_from, model=config.model, ema=config.init_from_ema)
         head = nets.head_module(config.model, **config.model_kwargs.to_dict())
         loaded = transfer.merge(shapes.params, shapes.state, source, head=head,
                                 reset_head=config.reset_head)

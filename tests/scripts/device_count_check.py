@@ -11,7 +11,7 @@ import numpy as np
 
 import nets
 from experiments import common
-from training import distributed, loop, optimizers, steps
+from training import classification, distributed, loop, optimizers, steps
 from jax.sharding import Mesh
 
 assert jax.device_count() == 4, jax.devices()
@@ -33,8 +33,8 @@ def train(devices):
     state, optimizer = loop.init_state(
         config, model, lambda p: optimizers.optimizer(config.optimizer, config.model, p,
                                                       schedule), mesh)
-    step = steps.train_step(model, optimizer, schedule, dtype=jnp.float32, label_smoothing=0.1,
-                            ema_decay=config.ema_decay, mesh=mesh)
+    loss = classification.objective(model, dtype=jnp.float32, label_smoothing=0.1)
+    step = steps.train_step(loss, optimizer, schedule, ema_decay=config.ema_decay, mesh=mesh)
     for batch in batches:
         sharded = distributed.global_batch(batch, distributed.batch_sharded(mesh))
         state, metrics = step(state, sharded)
