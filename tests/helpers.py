@@ -45,6 +45,11 @@ def random_variables(f, example, seed=1):
     compiles random initialisers far more slowly than the forward): fan-in scaled weights, BN
     scales, offsets and running statistics away from the identity, so eval-mode BN acts."""
     shapes = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), example)
+    return random_values(shapes, seed)
+
+
+def random_values(shapes, seed=1):
+    """`random_variables` for a (params, state) tree of shapes already at hand."""
     rng = np.random.RandomState(seed)
 
     def draw(path, s):

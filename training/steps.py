@@ -18,9 +18,10 @@ from training.state import TrainState
 
 class Objective(NamedTuple):
     """What a task trains: `loss(params, model_state, rng, batch, extra)` returns
-    `(loss, (model_state, metrics))`, `metrics` a dict of scalars the task reports (e.g. accuracy).
-    `extra` is a pytree every step receives replicated and never donates nor updates (the
-    weights of a second, fixed model, as distillation has), or None; `notes` are lines the run prints once."""
+    `(loss, (model_state, metrics))`, `metrics` a dict of scalars the task reports (e.g.
+    accuracy). `extra` is a pytree every step receives replicated and never donates nor updates
+    (the weights of a second, fixed model, as distillation has), or None; `notes` are lines the
+    run prints once."""
 
     loss: Callable
     extra: Any = None
