@@ -64,17 +64,6 @@ def random_values(shapes, seed=1):
                         jax.tree_util.tree_map_with_path(draw, shapes))
 
 
-def assert_counts_equal_the_registry(name):
-    """Parameters with and without the head and BN statistic elements (per-channel vectors),
-    counted without compiling, equal the registry's reference figures."""
-    info = nets.model_info(name)
-    params, state = nets.introspect.shapes(name, 1000)
-    no_head, _ = nets.introspect.shapes(name, 0)
-    assert (count(params), count(no_head), count(state)) == (
-        info.reference_params, info.reference_params_no_head, info.reference_bn_stat_elems)
-    assert {leaf.ndim for leaf in jax.tree.leaves(state)} <= {1}
-
-
 def assert_registry_figures_are_the_tables(name, reference_counts):
     """The registry's figures are tests/reference/params.json's row of its reference."""
     info = nets.model_info(name)

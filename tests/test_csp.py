@@ -11,7 +11,7 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import (assert_counts_equal_the_registry, assert_registry_figures_are_the_tables,
+from tests.helpers import (assert_registry_figures_are_the_tables,
                            jitted_apply, random_images)
 
 CSP = [n for n in nets.list_models() if nets.model_info(n).family == "csp"]
@@ -20,11 +20,6 @@ SIZE = 64  # small, to keep compiles cheap; the last stage still sees a 2x2 map
 
 def test_the_three_timm_variants_are_registered():
     assert CSP == ["cspdarknet53", "cspresnet50", "cspresnext50"]
-
-
-@pytest.mark.parametrize("name", CSP)
-def test_parameter_and_bn_statistic_counts_equal_the_reference(name):
-    assert_counts_equal_the_registry(name)
 
 
 @pytest.mark.parametrize("name", CSP)

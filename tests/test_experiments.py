@@ -66,7 +66,7 @@ def test_nfnet_recipe_is_the_papers(k):
     assert set(o.decay_roles) == {"weight", "classifier_weight"}
 
     # Peak 1.6 at batch 4096, linear warm-up over 5 epochs from 0, cosine to 0.
-    assert common.IMAGENET_TRAIN_EXAMPLES == r["imagenet_train_examples"]
+    assert r["imagenet_train_examples"] == common.IMAGENET_TRAIN_EXAMPLES
     steps_per_epoch = common.IMAGENET_TRAIN_EXAMPLES / c.batch_size
     total = int(common.IMAGENET_TRAIN_EXAMPLES * c.num_epochs // c.batch_size)
     assert total == r["training_steps"]

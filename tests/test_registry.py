@@ -68,16 +68,6 @@ def test_integer_images_are_rejected():
         _init(jnp.zeros((2, 32, 32, 3), jnp.uint8))
 
 
-def test_num_classes_zero_returns_pooled_features():
-    f = nets.transformed("resnet18", num_classes=0)
-    images = jnp.zeros((2, 32, 32, 3))
-    params, state = f.init(jax.random.key(0), images, is_training=True)
-    out = jax.eval_shape(lambda p, s: f.apply(p, s, None, images, is_training=False)[0],
-                         params, state)
-    assert out.shape == (2, 512)
-    assert not any("fc" in module for module in params)
-
-
 def test_features_are_the_four_stages_at_strides_4_to_32():
     f = nets.transformed_features("resnet50")
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)

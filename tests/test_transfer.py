@@ -150,8 +150,8 @@ def test_resnet50_weights_start_a_gcnet_resnet50():
     """GCNet's fine-tuning: every ResNet-50 leaf fits; the GC blocks (stages 2-4) stay fresh;
     nothing of the source is left over. Shapes from eval_shape, zeros as the weights."""
     zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
-    source = weight_sources.Source("resnet50", 1000, {}, *map(zeros, nets.introspect.shapes("resnet50",
-                                                                                   1000)), "r50")
+    source = weight_sources.Source("resnet50", 1000, {},
+                                   *map(zeros, nets.introspect.shapes("resnet50", 1000)), "r50")
     params, state = nets.introspect.shapes("gcnet_resnet50", 1000)
     loaded = transfer.merge(params, state, source, head="resnet/fc")
     assert loaded.missing and all("/gc/" in name for name in loaded.missing)
@@ -167,7 +167,8 @@ def test_resnet50_weights_start_a_gcnet_resnet50():
 def test_a_shape_mismatch_beyond_the_head_is_an_error_naming_the_leaf():
     params, state = nets.introspect.shapes("resnet18", 10)
     zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
-    source = weight_sources.Source("resnet18", 10, {}, zeros(params), zeros(state), "a resnet18 file")
+    source = weight_sources.Source("resnet18", 10, {}, zeros(params), zeros(state),
+                                   "a resnet18 file")
     source.params["resnet/layer2_0/conv1"]["w"] = np.zeros((3, 3, 64, 256), np.float32)
     with pytest.raises(ValueError, match="only the classifier resnet/fc may change shape") as e:
         transfer.merge(params, state, source, head="resnet/fc")
