@@ -78,7 +78,8 @@ def base() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0               # > 0: keep an EMA of params and model state (tf1 warm-up)
 
     # Transfer learning (training/transfer.py); used only when a run starts fresh.
-    c.init_from = ""                # a nets.weights .safetensors file or a training workdir
+    c.init_from = ""                # a nets.weights file, a training workdir or a PyTorch
+                                    # state dict of `model` (training/weight_sources.py)
     c.init_from_ema = False         # checkpoints: start from the run's EMA weights
     c.reset_head = False            # keep the fresh head even where its shape fits
     c.freeze = ()                   # regexes re.match-ed against module paths without the
@@ -87,7 +88,8 @@ def base() -> ml_collections.ConfigDict:
     # Knowledge distillation (training/distill.py): read by task "distillation".
     c.distill = ml_collections.ConfigDict(dict(
         teacher="",                 # the teacher's model; "": the one its weights are for
-        teacher_from="",            # a nets.weights .safetensors file or a training workdir
+        teacher_from="",            # a nets.weights file, a training workdir or a PyTorch
+                                    # state dict of `teacher` (training/weight_sources.py)
         teacher_ema=False,          # checkpoints: the teacher's EMA weights
         alpha=0.5,                  # weight of CE(student, targets); 1 - alpha: the soft term
         temperature=4.0,            # T: both softmaxes at logits / T; the soft term x T^2

@@ -4,6 +4,7 @@ the ResNet-50's eval-mode outputs on the same images, alpha 0.5 and T 4 (trainin
 
     python train.py --config experiments/distill_mobilenet_v2.py \\
         --config.distill.teacher_from=resnet50.safetensors     # python -m tools.convert ...
+        # or torchvision's resnet50.pth itself (training/weight_sources.py reads state dicts)
 
 `:local` distils on the built-in dataset at 32 px from a ResNet-50 trained there (its EMA
 weights, the ones that run reports):
