@@ -20,9 +20,7 @@ never the package itself, and module-level imports form no cycle.
 
 from __future__ import annotations
 
-from nets import layers, records, registry
-from nets import introspect
-from nets import convert, fusion, weights
+from nets import convert, fusion, introspect, layers, records, registry, weights
 from nets.records import ModelInfo, Preprocessing
 from nets.registry import (ROLES, LEAF_ROLES, check_overrides, create, declare_leaf_role,
                            head_module, list_models, model_info, param_roles, stacked_axes,

@@ -19,7 +19,6 @@ import json
 import os
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,6 +44,17 @@ class LoadResult(NamedTuple):
 def flatten(collection: str, tree) -> dict[str, Any]:
     return {f"{collection}/{module}/{leaf}": value
             for module, leaves in tree.items() for leaf, value in leaves.items()}
+
+
+def unflatten(flat: dict[str, Any]) -> tuple[dict, dict]:
+    """`flatten`'s inverse for both collections: {"params/<module>/<leaf>": x, "state/...": y}
+    -> (params, state) as nested {module: {leaf: x}}."""
+    trees: dict[str, dict] = {c: {} for c in _COLLECTIONS}
+    for key, value in flat.items():
+        collection, rest = key.split("/", 1)
+        module, leaf = rest.rsplit("/", 1)
+        trees[collection].setdefault(module, {})[leaf] = value
+    return trees["params"], trees["state"]
 
 
 def _to_array(value) -> np.ndarray:
@@ -178,15 +188,8 @@ def load(path, name: str | None = None, num_classes: int | None = None, strict: 
     expected, missing, unexpected = check_against_model(
         name, num_classes, overrides, tensors, strict=strict, header=header)
 
-    def tree(collection):
-        out: dict[str, dict[str, jax.Array]] = {}
-        for key, spec in expected.items():
-            if key.startswith(collection + "/") and key in tensors:
-                module, leaf = key[len(collection) + 1:].rsplit("/", 1)
-                out.setdefault(module, {})[leaf] = jnp.asarray(tensors[key], dtype=spec.dtype)
-        return out
-
-    params, state = (tree(c) for c in _COLLECTIONS)
+    params, state = unflatten({key: jnp.asarray(tensors[key], dtype=spec.dtype)
+                               for key, spec in expected.items() if key in tensors})
     if strict:
         return params, state
     return LoadResult(params, state, missing, unexpected)

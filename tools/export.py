@@ -42,10 +42,14 @@ def load_variables(name: str, weights: str | None = None, num_classes: int | Non
         init = jax.jit(f.init, static_argnames="is_training")
         return init(jax.random.key(seed), jnp.zeros(images.shape, images.dtype),
                     is_training=True)
+    return weight_sources.variables(_read(name, weights, num_classes), name, num_classes,
+                                    **overrides)
+
+
+def _read(name: str, weights: str, num_classes: int | None) -> weight_sources.Source:
     if not os.path.exists(weights):
         raise ValueError(f"weights file {weights!r} does not exist")
-    source = weight_sources.read(weights, model=name, num_classes=num_classes)
-    return weight_sources.variables(source, name, num_classes, **overrides)
+    return weight_sources.read(weights, model=name, num_classes=num_classes)
 
 
 def export(name: str, params, state, num_classes: int | None = None, size: int | None = None,
@@ -100,11 +104,13 @@ def main(argv=None) -> None:
     parser.add_argument("--platforms", nargs="*", default=None,
                         help="e.g. cpu cuda (default: this machine's backend)")
     args = parser.parse_args(argv)
-    params, state = load_variables(args.name, args.weights, args.num_classes, args.seed)
-    overrides = {}   # those a nets.weights file was saved with (e.g. fused=True)
-    if args.weights and args.weights.endswith(".safetensors") and nets.weights.is_weights_file(
-            args.weights):
-        overrides = nets.weights.read_metadata(args.weights)["overrides"]
+    overrides = {}   # those the weights were saved with (a file's fused=True, a run's options)
+    if args.weights:
+        source = _read(args.name, args.weights, args.num_classes)
+        overrides = dict(source.overrides) if source.model == args.name else {}
+        params, state = weight_sources.variables(source, args.name, args.num_classes)
+    else:
+        params, state = load_variables(args.name, None, args.num_classes, args.seed)
     fused = args.fused or overrides.pop("fused", False)
     blob = export(args.name, params, state, args.num_classes, args.size,
                   tuple(args.platforms) if args.platforms else None, fused=fused, **overrides)

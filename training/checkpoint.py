@@ -9,7 +9,6 @@ import os
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 # The items of every checkpoint: the train state, the data iterator's state, the identification.
@@ -150,8 +149,6 @@ def read_weights(path, *, step: int | None = None, ema: bool = False) -> RunWeig
     if ema and train_state.get("ema_params") is None:
         raise ValueError(f"the checkpoint at step {step} in {directory} keeps no EMA "
                          "(the run's config had none); use ema=False.")
-    to_tree = lambda t: {m: {k: jnp.asarray(v) for k, v in leaves.items()}
-                         for m, leaves in t.items()}
     return RunWeights(signature["model"], signature["num_classes"], signature["model_kwargs"],
-                      step, to_tree(train_state[prefix + "params"]),
-                      to_tree(train_state[prefix + "model_state"]), directory)
+                      step, train_state[prefix + "params"], train_state[prefix + "model_state"],
+                      directory)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 
 import nets
-from training import checkpoint, distributed, metrics, optimizers, steps, tasks, transfer
+from training import (checkpoint, distributed, metrics, optimizers, steps, tasks, transfer,
+                      weight_sources)
 from training.state import TrainState
-from training.weight_sources import read as read_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,7 +122,8 @@ def _load_init_from(config, shapes: Variables) -> InitFrom:
     ones as ShapeDtypeStructs for `_over_fresh` to fill."""
     try:
         # A PyTorch state dict is read as the reference of this run's model.
-        source = read_weights(config.init_from, model=config.model, ema=config.init_from_ema)
+        source = weight_sources.read(config.init_from, model=config.model,
+                                     ema=config.init_from_ema)
         head = nets.head_module(config.model, **config.model_kwargs.to_dict())
         loaded = transfer.merge(shapes.params, shapes.state, source, head=head,
                                 reset_head=config.reset_head)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 import nets
@@ -56,20 +57,11 @@ def read_torch_state_dict(path) -> dict:
     return loaded
 
 
-def _nested(flat: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    trees: dict[str, dict] = {"params": {}, "state": {}}
-    for key, value in flat.items():
-        collection, rest = key.split("/", 1)
-        module, leaf = rest.rsplit("/", 1)
-        trees.setdefault(collection, {}).setdefault(module, {})[leaf] = value
-    return trees["params"], trees["state"]
-
-
 def _weights_file(path: str) -> Source:
     meta = nets.weights.read_metadata(path)
     from safetensors.numpy import load_file
 
-    params, state = _nested(load_file(path))
+    params, state = nets.weights.unflatten(load_file(path))
     return Source(meta["model"], meta["num_classes"], meta["overrides"], params, state,
                   f"{meta['model']} weights {path}")
 
@@ -114,8 +106,6 @@ def variables(source: Source, model: str | None = None, num_classes: int | None 
     checked strictly: one ValueError lists every missing, unexpected or mismatched leaf.
     num_classes defaults to the source's; overrides to the source's, updated by those given
     (for another model than the source's, only those given)."""
-    import jax.numpy as jnp
-
     model = model or source.model
     if model == source.model:
         overrides = {**source.overrides, **overrides}
@@ -126,9 +116,5 @@ def variables(source: Source, model: str | None = None, num_classes: int | None 
         model, num_classes, overrides, found, strict=True,
         header=f"{source.description} does not fit {model} (num_classes={num_classes}"
                + "".join(f", {k}={v!r}" for k, v in sorted(overrides.items())) + "):")
-    trees: dict[str, dict] = {"params": {}, "state": {}}
-    for key, spec in expected.items():
-        collection, rest = key.split("/", 1)
-        module, leaf = rest.rsplit("/", 1)
-        trees[collection].setdefault(module, {})[leaf] = jnp.asarray(found[key], spec.dtype)
-    return trees["params"], trees["state"]
+    return nets.weights.unflatten({key: jnp.asarray(found[key], spec.dtype)
+                                   for key, spec in expected.items()})
