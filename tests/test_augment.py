@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data import augment, resize
 
@@ -91,10 +92,34 @@ def test_tf_bicubic_definition():
     assert upscaled.min() < 0 and upscaled.max() > 255
 
 
+def triangle_weights(in_size, out_size):
+    """(out_size, in_size) weights of PIL's bilinear resampling along one axis: a triangle of
+    half-width max(scale, 1) (widened when shrinking: antialiasing) around each output pixel's
+    centre (j + 0.5) * scale, in half-pixel input coordinates, renormalised at the edges."""
+    scale = in_size / out_size
+    centres = (np.arange(out_size) + 0.5) * scale
+    distances = (np.arange(in_size)[None, :] + 0.5 - centres[:, None]) / max(scale, 1.0)
+    weights = np.maximum(0.0, 1.0 - np.abs(distances))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
 def test_pil_resize():
     image = random_image(40, 60)
-    out = resize.pil(image, 10, 20, "bilinear")
-    assert out.shape == (10, 20, 3) and out.dtype == np.uint8
+    for height, width in ((10, 20), (57, 83)):    # shrinking (antialiased) and enlarging
+        out = resize.pil(image, height, width, "bilinear")
+        assert out.shape == (height, width, 3) and out.dtype == np.uint8
+        # By hand: the separable triangle filter. PIL rounds to uint8 after each pass (and
+        # works in fixed point), so within one level; bicubic, box, hamming, lanczos and
+        # nearest are 10 or more levels away on this image.
+        expected = np.einsum("yi,ijc,xj->yxc", triangle_weights(40, height),
+                             image.astype(np.float64), triangle_weights(60, width))
+        np.testing.assert_allclose(out, expected, atol=1.0)
+        # Each name is PIL's filter of that name, exactly; (height, width) is PIL's (w, h).
+        for name in resize.INTERPOLATIONS:
+            pil_filter = getattr(Image.Resampling, name.upper())
+            np.testing.assert_array_equal(
+                resize.pil(image, height, width, name),
+                np.asarray(Image.fromarray(image).resize((width, height), pil_filter)))
     with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
         resize.pil(image, 10, 10, "cubic")
 
@@ -184,8 +209,13 @@ def test_mix_pair_targets_sum_to_one():
     for kind in augment.MIX_KINDS:
         image, target = augment.mix_pair(kind, constant(0.0), constant(1.0), first_target,
                                          second_target, np.random.default_rng(0), 0.2)
+        # The first image is all 0 and the second all 1, so the mixed image's mean is the
+        # second's share 1 - lambda (MixUp's weight, CutMix's area outside the box): the
+        # targets weigh the classes by exactly those shares and give the others nothing.
+        lam = 1.0 - float(image.mean())
+        assert 0.0 < lam < 1.0
+        np.testing.assert_allclose(target, [0.0, lam, 0.0, 1.0 - lam], atol=1e-6)
         assert target.sum() == pytest.approx(1.0)
-        assert target[0] == target[2] == 0 and target[1] > 0 or target[3] == 1
     with pytest.raises(ValueError, match="unknown mixing"):
         augment.mix_pair("blend", constant(0.0), constant(1.0), first_target, second_target,
                          np.random.default_rng(0), 0.2)

@@ -5,7 +5,7 @@ import collections
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from data import randaugment as ra
 
@@ -165,6 +165,128 @@ def test_cutout():
                        np.random.default_rng(3))
     rows, cols = np.nonzero((full == ra.FILL).all(axis=2))
     assert rows.max() - rows.min() + 1 <= 80 and cols.max() - cols.min() + 1 <= 80
+
+
+# Magnitude -> argument, as `level_to_arg` of the TF1 code (tensorflow/tpu,
+# models/official/efficientnet/autoaugment.py, _MAX_LEVEL = 10): `_rotate_level_to_arg`
+# (M / 10 * 30 degrees), `_shear_level_to_arg` (M / 10 * 0.3), both negated half the time
+# (`_randomly_negate_tensor`), and `_enhance_level_to_arg` (M / 10 * 1.8 + 0.1).
+
+REFERENCE_ARGUMENTS = {
+    "Rotate": ("rotate", lambda m: m / 10 * 30.0, True),
+    "ShearX": ("shear_x", lambda m: m / 10 * 0.3, True),
+    "ShearY": ("shear_y", lambda m: m / 10 * 0.3, True),
+    "Color": ("color", lambda m: m / 10 * 1.8 + 0.1, False),
+    "Contrast": ("contrast", lambda m: m / 10 * 1.8 + 0.1, False),
+    "Brightness": ("brightness", lambda m: m / 10 * 1.8 + 0.1, False),
+    "Sharpness": ("sharpness", lambda m: m / 10 * 1.8 + 0.1, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_ARGUMENTS))
+def test_magnitude_maps_to_the_reference_argument(name, monkeypatch):
+    function, reference, signed = REFERENCE_ARGUMENTS[name]
+    seen = []
+    monkeypatch.setattr(ra, function, lambda image, argument: seen.append(argument) or image)
+    image = random_image(4, 4)
+    for magnitude in (0.0, 3.0, 7.0, 10.0, 15.0):
+        seen.clear()
+        for seed in range(40):
+            ra.apply_op(name, image, magnitude, np.random.default_rng(seed))
+        expected = reference(magnitude)
+        assert len(seen) == 40
+        assert all(abs(a) == pytest.approx(expected, rel=1e-12, abs=1e-12) for a in seen)
+        # Geometric ops go either way, about equally often; the enhance factors never flip.
+        positive = sum(a > 0 for a in seen)
+        if signed and magnitude > 0:
+            assert 10 <= positive <= 30
+        else:
+            assert all(a >= 0 for a in seen)
+
+
+def pil_rotate(image, degrees):
+    return np.asarray(Image.fromarray(image).rotate(
+        degrees, resample=Image.Resampling.NEAREST, fillcolor=(ra.FILL,) * 3))
+
+
+@pytest.mark.parametrize("magnitude", [3.0, 5.0, 10.0])   # 9, 15 and 30 degrees
+def test_rotate_op_equals_pil_rotate(magnitude):
+    """tf.contrib.image.rotate (counter-clockwise about the centre, nearest neighbour) samples
+    the pixels PIL's Image.rotate does; either sign, as the layer draws it."""
+    image = random_image(24, 32)
+    degrees = magnitude / 10 * 30.0
+    clockwise, counter = pil_rotate(image, -degrees), pil_rotate(image, degrees)
+    assert not np.array_equal(clockwise, counter)
+    signs = set()
+    for seed in range(12):
+        out = ra.apply_op("Rotate", image, magnitude, np.random.default_rng(seed))
+        if np.array_equal(out, counter):
+            signs.add(1)
+        else:
+            np.testing.assert_array_equal(out, clockwise)
+            signs.add(-1)
+    assert signs == {1, -1}
+
+
+def sheared_by_hand(image, level, axis):
+    """TF's projective transform with NEAREST: output (x, y) reads input (x + level y, y)
+    (ShearX) or (x, y + level x) (ShearY), rounded half away from zero (std::round), FILL
+    outside. (PIL's affine transform samples pixel centres, which differs by level / 2.)"""
+    height, width = image.shape[:2]
+    out = np.full_like(image, ra.FILL)
+    for y in range(height):
+        for x in range(width):
+            source_x, source_y = (x + level * y, y) if axis == "x" else (x, y + level * x)
+            source_x, source_y = (int(np.sign(v) * np.floor(abs(v) + 0.5))
+                                  for v in (source_x, source_y))
+            if 0 <= source_x < width and 0 <= source_y < height:
+                out[y, x] = image[source_y, source_x]
+    return out
+
+
+@pytest.mark.parametrize("name,axis", [("ShearX", "x"), ("ShearY", "y")])
+def test_shear_op_by_hand(name, axis):
+    image = random_image(24, 32)
+    # Levels 0.09, 0.21, 0.39: no source coordinate on this image falls on a rounding tie.
+    for magnitude in (3.0, 7.0, 13.0):
+        level = magnitude / 10 * 0.3
+        both = {sign: sheared_by_hand(image, sign * level, axis) for sign in (1, -1)}
+        signs = set()
+        for seed in range(12):
+            out = ra.apply_op(name, image, magnitude, np.random.default_rng(seed))
+            sign = 1 if np.array_equal(out, both[1]) else -1
+            np.testing.assert_array_equal(out, both[sign])
+            signs.add(sign)
+        assert signs == {1, -1}
+
+
+@pytest.mark.parametrize("name,enhancer", [("Color", ImageEnhance.Color),
+                                           ("Sharpness", ImageEnhance.Sharpness)])
+def test_color_and_sharpness_ops_match_pil_image_enhance(name, enhancer):
+    """The TF1 Color and Sharpness are PIL's ImageEnhance at the same factor, up to rounding:
+    TF's grey is luma x 255.5 truncated (PIL's "L" rounds) and its smoothing truncates (PIL's
+    filter rounds), a level in the degenerate image that a blend factor in [0.1, 1.9] keeps
+    within a level. A wrong factor (or its sign) moves pixels by tens of levels."""
+    image = random_image(24, 32)
+    for magnitude in (0.0, 2.0, 5.0, 8.0, 10.0):
+        factor = magnitude / 10 * 1.8 + 0.1
+        expected = np.asarray(enhancer(Image.fromarray(image)).enhance(factor))
+        out = ra.apply_op(name, image, magnitude, np.random.default_rng(0))
+        assert np.abs(out.astype(int) - expected).max() <= 1, magnitude
+        if magnitude != 5.0:    # factor 1 is the identity
+            assert np.abs(out.astype(int) - image).max() > 10
+
+
+def test_contrast_op_by_hand():
+    """TF1 Contrast: blend (in float32, truncated) with a flat grey of pixels / 256, not the
+    mean grey PIL's ImageEnhance.Contrast uses; 16 x 32 pixels give grey 2."""
+    image = random_image(16, 32)
+    for magnitude in (0.0, 2.0, 8.0, 10.0, 15.0):
+        factor = np.float32(magnitude / 10 * 1.8 + 0.1)
+        expected = np.clip(np.float32(2) + factor * (image.astype(np.float32) - np.float32(2)),
+                           0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(
+            ra.apply_op("Contrast", image, magnitude, np.random.default_rng(0)), expected)
 
 
 # The layer loop.

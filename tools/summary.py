@@ -6,18 +6,16 @@
     print(format_table(summary("resnet50")))
 
 The module walk is Haiku's own (`hk.experimental.eval_summary`, which traces under
-`jax.eval_shape`: nothing is computed). Multiply-adds are counted the way
-`bench.inference.multiply_adds` counts them (convs, deformable convs and dense layers; norms,
-activations, pools and bilinear sampling are not counted), each charged to the module that
-calls the conv or owns the dense layer, so the table's total equals that function's figure.
+`jax.eval_shape`: nothing is computed). Multiply-adds are those of convs,
+deformable convs and dense layers (norms, activations, pools and bilinear sampling are not
+counted), each charged to the module that calls the conv or owns the dense layer; the table's
+total is `bench.inference.multiply_adds`.
 Parameters are the ones a module owns directly (not its children's), so the rows add up to the
 model's total.
 
 Blocks stacked under `hk.layer_stack` (NFNet stages) have one row for the whole stack: its
-parameters and MACs are all the stacked blocks', its output shape one block's. (On those models
-`bench.inference.multiply_adds`, which traces the scan once, counts each stack's body twice
-whatever its length; the table's total is the reference's, e.g. 6.977 GMACs for NFNet-F0 at
-192 px as params.json gives.)
+parameters and MACs are all the stacked blocks', its output shape one block's (the total is the
+reference's, e.g. 6.977 GMACs for NFNet-F0 at 192 px as params.json gives).
 """
 
 from __future__ import annotations
