@@ -12,3 +12,33 @@ def reference_counts():
     from tests.helpers import reference_figures
 
     return {(r["source"], r["name"]): r for r in reference_figures("params.json")}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fail-on-skip", action="store_true",
+        help="fail the session if any test is skipped: with the test extra installed nothing "
+             "should skip, so a skip means a broken reference install (scripts/test.sh sets it)")
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    # Under xdist the controller receives every worker's reports through this hook too.
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if (session.config.getoption("--fail-on-skip") and _SKIPPED
+            and not hasattr(session.config, "workerinput")
+            and exitstatus == pytest.ExitCode.OK):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("--fail-on-skip") and _SKIPPED:
+        terminalreporter.write_line(
+            f"--fail-on-skip: {len(_SKIPPED)} test(s) skipped, which fails the run (is the "
+            "test extra installed?): " + ", ".join(_SKIPPED[:10]), red=True)
