@@ -1,6 +1,7 @@
 """Pseudo-3D ResNet: the A/B/C block cycle (read from the computation itself), counts derived by
 hand from the stage table, the two reference definitions' pooling and block semantics, clip
-lengths, and conversion from the PyTorch port's state-dict layout."""
+lengths, conversion from the PyTorch port's state-dict layout, and logits and stage maps against
+both definitions (the port's and the Caffe prototxt's) restated in PyTorch."""
 
 import functools
 
@@ -11,6 +12,7 @@ import pytest
 
 import nets
 from nets import p3d
+from tests import reference
 from tests.helpers import count, jitted_apply, random_variables
 
 STAGES = {"p3d_resnet199": (3, 8, 36, 3), "p3d_resnet50": (3, 4, 6, 3)}
@@ -254,3 +256,193 @@ def test_pytorch_port_state_dict_converts_by_renaming():
     np.testing.assert_array_equal(state["p3d/layer1_2/bn3"]["var"],
                                   sd["layer1.2.bn3.running_var"])
     np.testing.assert_array_equal(params["p3d/fc"]["w"], sd["fc.weight"].T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the authors' definitions, restated in PyTorch.
+
+
+def _reference_p3d(torch, stage_blocks, num_classes, definition):
+    """qijiezhao/pseudo-3d-pytorch's `p3d_model.py` (class P3D, Bottleneck numbered by a running
+    block counter n_s, ST_A / ST_B / ST_C, 3-D up to depth_3d = sum(layers[:3]) blocks then 2-D,
+    the time axis folded away by a view before layer4), in eval mode. With definition="caffe",
+    the three places where the authors' prototxt (deploy_p3d_resnet_kinetics.prototxt) differs:
+    Pooling3D with no padding and ceil rounding (clipped windows), P3D-B's ReLU after the sum
+    (the T path's BN unrectified), P3D-C's Eltwise with coefficients 0.5, 0.5 and a ReLU.
+    The port's AvgPool2d(5) is the global pool at 160 px (the prototxt's global_pooling): here
+    an adaptive one, so that small clips work."""
+    nn, relu = torch.nn, torch.nn.functional.relu
+    caffe = definition == "caffe"
+    depth_3d = sum(stage_blocks[:3])
+
+    class Bottleneck(nn.Module):
+        expansion = 4
+
+        def __init__(self, inplanes, planes, stride=1, downsample=None, n_s=0):
+            super().__init__()
+            self.downsample, self.id = downsample, n_s
+            self.ST = "ABC"[n_s % 3]
+            stride_p = stride if downsample is None else (1, 2, 2)
+            if n_s < depth_3d:
+                conv, bn = nn.Conv3d, nn.BatchNorm3d
+                stride_p = 1 if n_s == 0 else stride_p
+            else:
+                conv, bn = nn.Conv2d, nn.BatchNorm2d
+                stride_p = 2 if n_s == depth_3d else 1
+            self.conv1 = conv(inplanes, planes, kernel_size=1, bias=False, stride=stride_p)
+            self.bn1 = bn(planes)
+            if n_s < depth_3d:
+                self.conv2 = nn.Conv3d(planes, planes, (1, 3, 3), 1, (0, 1, 1), bias=False)
+                self.bn2 = nn.BatchNorm3d(planes)
+                self.conv3 = nn.Conv3d(planes, planes, (3, 1, 1), 1, (1, 0, 0), bias=False)
+                self.bn3 = nn.BatchNorm3d(planes)
+            else:
+                self.conv_normal = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+                self.bn_normal = nn.BatchNorm2d(planes)
+            self.conv4 = conv(planes, planes * 4, kernel_size=1, bias=False)
+            self.bn4 = bn(planes * 4)
+
+        def ST_A(self, x):
+            x = relu(self.bn2(self.conv2(x)))
+            return relu(self.bn3(self.conv3(x)))
+
+        def ST_B(self, x):
+            tmp_x = relu(self.bn2(self.conv2(x)))
+            x = self.bn3(self.conv3(x))
+            return relu(tmp_x + x) if caffe else tmp_x + relu(x)
+
+        def ST_C(self, x):
+            x = relu(self.bn2(self.conv2(x)))
+            tmp_x = self.bn3(self.conv3(x))
+            return relu(0.5 * x + 0.5 * tmp_x) if caffe else x + relu(tmp_x)
+
+        def forward(self, x):
+            residual = x
+            out = relu(self.bn1(self.conv1(x)))
+            if self.id < depth_3d:
+                out = getattr(self, f"ST_{self.ST}")(out)
+            else:
+                out = relu(self.bn_normal(self.conv_normal(out)))
+            out = self.bn4(self.conv4(out))
+            if self.downsample is not None:
+                residual = self.downsample(x)
+            return relu(out + residual)
+
+    class P3D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inplanes, self.cnt = 64, 0
+            self.conv1_custom = nn.Conv3d(3, 64, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False)
+            self.bn1 = nn.BatchNorm3d(64)
+            if caffe:  # Pooling3D: pad 0, ceil
+                self.maxpool = nn.MaxPool3d((2, 3, 3), 2, 0, ceil_mode=True)
+                self.maxpool_2 = nn.MaxPool3d((2, 1, 1), (2, 1, 1), 0, ceil_mode=True)
+            else:
+                self.maxpool = nn.MaxPool3d((2, 3, 3), 2, (0, 1, 1))
+                self.maxpool_2 = nn.MaxPool3d((2, 1, 1), (2, 1, 1), 0)
+            self.layer1 = self._make_layer(64, stage_blocks[0])
+            self.layer2 = self._make_layer(128, stage_blocks[1], stride=2)
+            self.layer3 = self._make_layer(256, stage_blocks[2], stride=2)
+            self.layer4 = self._make_layer(512, stage_blocks[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(2048, num_classes)
+
+        def _make_layer(self, planes, blocks, stride=1):
+            downsample = None
+            if stride != 1 or self.inplanes != planes * 4:
+                if self.cnt < depth_3d:
+                    stride_p = 1 if self.cnt == 0 else (1, 2, 2)
+                    downsample = nn.Sequential(
+                        nn.Conv3d(self.inplanes, planes * 4, 1, stride_p, bias=False),
+                        nn.BatchNorm3d(planes * 4))
+                else:
+                    downsample = nn.Sequential(
+                        nn.Conv2d(self.inplanes, planes * 4, 1, 2, bias=False),
+                        nn.BatchNorm2d(planes * 4))
+            units = [Bottleneck(self.inplanes, planes, stride, downsample, n_s=self.cnt)]
+            self.cnt += 1
+            self.inplanes = planes * 4
+            for _ in range(1, blocks):
+                units.append(Bottleneck(self.inplanes, planes, n_s=self.cnt))
+                self.cnt += 1
+            return nn.Sequential(*units)
+
+        def forward(self, x):
+            """(logits, {"res2": ..., "res5": ...}: each stage's output, before its pool)."""
+            stages = {}
+            x = self.maxpool(relu(self.bn1(self.conv1_custom(x))))
+            x = stages["res2"] = self.layer1(x)
+            x = stages["res3"] = self.layer2(self.maxpool_2(x))
+            x = stages["res4"] = self.layer3(self.maxpool_2(x))
+            x = self.maxpool_2(x)
+            sizes = x.size()
+            x = x.view(-1, sizes[1], sizes[3], sizes[4])
+            x = stages["res5"] = self.layer4(x)
+            x = self.avgpool(x).view(-1, 2048)
+            return self.fc(x), stages
+
+    return P3D()
+
+
+@functools.cache
+def _logits_and_maps_apply(**overrides):
+    """One compiled eval apply giving the logits and what `features` (the stage maps of
+    `nets.transformed_features`) returned on the way."""
+
+    def forward(clip):
+        maps = {}
+
+        def record(next_fn, args, kwargs, context):
+            out = next_fn(*args, **kwargs)
+            if context.method_name == "features":
+                maps.update(out)
+            return out
+
+        with hk.intercept_methods(record):
+            logits = nets.create("p3d_resnet50", 10, **overrides)(clip, is_training=False)
+        return logits, maps
+
+    return jax.jit(hk.transform_with_state(forward).apply)
+
+
+def _he_normal_convs(torch, model, seed=0):
+    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
+    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
+    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
+    network would move the outputs by less than the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+
+
+@pytest.mark.parametrize("definition,frames", [("pytorch", 16), ("caffe", 12)])
+def test_logits_and_stage_maps_equal_the_authors_definition(definition, frames):
+    # 12 frames under Caffe go 6, 3, 2 (ceil: a clipped last window), 1; at 48 px the stem
+    # pool's last window is clipped, and res4's odd 3 x 3 map goes to res5's 2 x 2.
+    torch = reference.torch()
+    torch.manual_seed(0)
+    model = _reference_p3d(torch, SMALL["layers"], 10, definition)
+    _he_normal_convs(torch, model)
+    reference.randomize_batchnorm(model)
+    model.eval()
+    overrides = dict(definition=definition, **SMALL)
+    params, state = nets.convert.from_torch("p3d_resnet50", model.state_dict(), 10, **overrides)
+    clip = _clip(frames, 48)
+    with torch.no_grad():
+        ref_logits, ref_maps = model(torch.from_numpy(clip.transpose(0, 4, 1, 2, 3)))
+    ref_logits = ref_logits.numpy()
+    (logits, maps), _ = _logits_and_maps_apply(**overrides)(params, state, None, clip)
+    assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
+    frames_per_stage = (6, 3, 2) if definition == "caffe" else (8, 4, 2)
+    assert {k: m.shape[1:-1] for k, m in maps.items()} == {
+        "stage1": (frames_per_stage[0], 12, 12), "stage2": (frames_per_stage[1], 6, 6),
+        "stage3": (frames_per_stage[2], 3, 3), "stage4": (2, 2)}
+    for s, res in enumerate(("res2", "res3", "res4", "res5")):
+        ref_map = ref_maps[res].numpy()
+        ref_map = np.moveaxis(ref_map, 1, -1)  # NC(T)HW -> N(T)HWC
+        np.testing.assert_allclose(maps[f"stage{s + 1}"], ref_map,
+                                   atol=1e-4 * np.abs(ref_map).max(), rtol=0, err_msg=res)

@@ -1,5 +1,6 @@
 """Shake-Shake: the combination's forward and backward coefficients, the modes' draws, the paper's
-CIFAR-10 parameter counts (also by hand), the two-path shortcut and a forward pass."""
+CIFAR-10 parameter counts (also by hand), the two-path shortcut, a forward pass, and eval logits
+and stage maps against the author's Lua network restated in PyTorch."""
 
 import haiku as hk
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 import nets
 from nets import shake_shake as ss
+from tests import reference
 from tests.helpers import count, jitted_apply, random_images, random_variables
 
 # A cheap network with one block per stage (depth 6 * 1 + 2).
@@ -142,7 +144,7 @@ def test_downsampling_shortcut_concatenates_a_plain_and_a_shifted_path():
     expected = np.zeros_like(h[:, ::2, ::2])
     expected[:, 1:, 1:] = h[:, 1:-1:2, 1:-1:2]
     np.testing.assert_array_equal(seen["layer2_0.shortcut_conv2"], expected)
-    # The first block changes the width 16 -> 32 at stride 1: both paths see every pixel.
+    # The first block changes the width 16 -> 32 at stride 1: path 1 sees every pixel.
     h1 = np.maximum(np.asarray(seen["layer1_0"]), 0)
     np.testing.assert_array_equal(seen["layer1_0.shortcut_conv1"], h1)
 
@@ -188,3 +190,168 @@ def test_bad_inputs_and_options_raise_clear_errors(overrides, images, match):
     f = nets.transformed("shake_shake_26_2x32d", 10, **overrides)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True), images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the author's code (xgastaldi/shake-shake, Lua Torch), restated in PyTorch.
+
+
+def _lua_reference(torch, depth, k, num_classes):
+    """models/shakeshake.lua + models/shakeshakeblock.lua, module for module (Sequential,
+    ConcatTable, JoinTable, SpatialZeroPadding(1, -1, 1, -1), SpatialAveragePooling(1, 1, s, s),
+    MulConstant), evaluated: both branches end in MulConstant(0.5). Stage widths 16k, 32k,
+    64k; `k` is the code's widenFactor (2x32d: k = 2)."""
+    nn = torch.nn
+
+    class MulConstant(nn.Module):
+        def __init__(self, constant):
+            super().__init__()
+            self.constant = constant
+
+        def forward(self, x):
+            return x * self.constant
+
+    class ConcatTable(nn.ModuleList):
+        def forward(self, x):
+            return [m(x) for m in self]
+
+    class JoinTable(nn.Module):  # JoinTable(2) of Torch's 1-based NCHW: the channels
+        def forward(self, xs):
+            return torch.cat(xs, 1)
+
+    def conv(n_in, n_out, kernel, stride, pad):  # cudnn >= 4: the code drops the biases
+        return nn.Conv2d(n_in, n_out, kernel, stride, pad, bias=False)
+
+    class ShakeShakeBlock(nn.Module):
+        def __init__(self, n_in, n_out, stride):
+            super().__init__()
+
+            def branch():
+                return nn.Sequential(nn.ReLU(), conv(n_in, n_out, 3, stride, 1),
+                                     nn.BatchNorm2d(n_out), nn.ReLU(),
+                                     conv(n_out, n_out, 3, 1, 1), nn.BatchNorm2d(n_out),
+                                     MulConstant(0.5))
+
+            self.net1, self.net2 = branch(), branch()
+            if n_in == n_out:
+                self.skip = nn.Sequential(nn.Identity())
+            else:
+                s1 = nn.Sequential(nn.AvgPool2d(1, stride), conv(n_in, n_out // 2, 1, 1, 0))
+                # One pixel right and down: pad one on the left and top, drop the last column
+                # and row.
+                s2 = nn.Sequential(nn.ZeroPad2d((1, -1, 1, -1)), nn.AvgPool2d(1, stride),
+                                   conv(n_in, n_out // 2, 1, 1, 0))
+                self.skip = nn.Sequential(nn.ReLU(), ConcatTable([s1, s2]), JoinTable(),
+                                          nn.BatchNorm2d(n_out))
+
+        def forward(self, x):
+            return self.skip(x) + self.net1(x) + self.net2(x)
+
+    def layer(n_in, n_out, count, stride):
+        return nn.Sequential(ShakeShakeBlock(n_in, n_out, stride),
+                             *[ShakeShakeBlock(n_out, n_out, 1) for _ in range(count - 1)])
+
+    n = (depth - 2) // 6
+    return nn.Sequential(
+        conv(3, 16, 3, 1, 1), nn.BatchNorm2d(16),
+        layer(16, 16 * k, n, 1), layer(16 * k, 32 * k, n, 2), layer(32 * k, 64 * k, n, 2),
+        nn.ReLU(), nn.AvgPool2d(8, 8), nn.Flatten(), nn.Linear(64 * k, num_classes))
+
+
+def _variables_from_lua(model, blocks_per_stage):
+    """Our (params, state) from the Lua-structured reference's modules, by position."""
+    params, state = {}, {}
+
+    def conv(ours, m):
+        params[f"shake_shake/{ours}"] = {"w": m.weight.detach().numpy().transpose(2, 3, 1, 0)}
+
+    def bn(ours, m):
+        params[f"shake_shake/{ours}"] = {"scale": m.weight.detach().numpy(),
+                                         "offset": m.bias.detach().numpy()}
+        state[f"shake_shake/{ours}"] = {"mean": m.running_mean.numpy(),
+                                        "var": m.running_var.numpy()}
+
+    conv("conv1", model[0])
+    bn("bn1", model[1])
+    for s in range(3):
+        for i in range(blocks_per_stage):
+            block, ours = model[2 + s][i], f"layer{s + 1}_{i}"
+            for b, net in ((1, block.net1), (2, block.net2)):
+                conv(f"{ours}/branch{b}_conv1", net[1])
+                bn(f"{ours}/branch{b}_bn1", net[2])
+                conv(f"{ours}/branch{b}_conv2", net[4])
+                bn(f"{ours}/branch{b}_bn2", net[5])
+            if len(block.skip) > 1:
+                conv(f"{ours}/shortcut_conv1", block.skip[1][0][1])
+                conv(f"{ours}/shortcut_conv2", block.skip[1][1][2])
+                bn(f"{ours}/shortcut_bn", block.skip[3])
+    params["shake_shake/fc"] = {"w": model[8].weight.detach().numpy().T,
+                                "b": model[8].bias.detach().numpy()}
+    return params, state
+
+
+def _he_normal_convs(torch, model, seed=0):
+    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
+    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
+    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
+    network would move the outputs by less than the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+
+
+def _eval_logits_and_stage_maps(name, num_classes, **overrides):
+    """One compiled eval apply giving the logits and the stage maps that `features` (that of
+    `nets.transformed_features`) returned on the way: a single compile for both."""
+
+    def forward(images):
+        maps = {}
+
+        def record(next_fn, args, kwargs, context):
+            out = next_fn(*args, **kwargs)
+            if context.method_name == "features":
+                maps.update(out)
+            return out
+
+        with hk.intercept_methods(record):
+            logits = nets.create(name, num_classes, **overrides)(images, is_training=False)
+        return logits, maps
+
+    return jax.jit(hk.transform_with_state(forward).apply)
+
+
+def test_eval_logits_and_stage_maps_equal_the_authors_lua_network():
+    torch = reference.torch()
+    torch.manual_seed(0)
+    name, depth, k = "shake_shake_26_2x32d", SMALL["depth"], 2
+    model = _lua_reference(torch, depth, k, 10)
+    _he_normal_convs(torch, model)
+    reference.randomize_batchnorm(model)
+    model.eval()
+    params, state = _variables_from_lua(model, (depth - 2) // 6)
+    shapes = nets.introspect.shapes(name, 10, **SMALL)
+    assert jax.tree.map(lambda a: a.shape, (params, state)) == jax.tree.map(
+        lambda a: a.shape, shapes)
+
+    images = random_images(2, 32)
+    maps = {}
+    hooks = [model[2 + s].register_forward_hook(
+        lambda m, i, out, key=f"stage{s + 1}": maps.__setitem__(key, out.numpy()))
+        for s in range(3)]
+    with torch.no_grad():
+        ref_logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    for hook in hooks:
+        hook.remove()
+
+    (logits, ours), _ = _eval_logits_and_stage_maps(name, 10, **SMALL)(params, state, None,
+                                                                       images)
+    assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
+    assert set(ours) == set(maps)
+    for stage, ref_map in maps.items():
+        ref_map = ref_map.transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(ours[stage], ref_map, atol=1e-4 * np.abs(ref_map).max(),
+                                   rtol=0, err_msg=stage)

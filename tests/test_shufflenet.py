@@ -1,6 +1,9 @@
 """ShuffleNet V2 against torchvision (counts, eval and training outputs on converted weights);
 ShuffleNet V1 against the paper (parameters and complexity counted by hand from Table 1) and
-against a restatement of the authors' PyTorch code (megvii-model/ShuffleNet-Series)."""
+against a restatement of the authors' PyTorch code (megvii-model/ShuffleNet-Series): logits and
+stage maps."""
+
+import functools
 
 import haiku as hk
 import jax
@@ -261,66 +264,160 @@ def test_v1_torch_names_are_the_authors_flat_sequence():
         "features.5.branch_main_1.3", "features.15.branch_main_2.1", "classifier.0"]
 
 
-def _authors_v1(torch, groups, channels, num_classes=1000):
-    """The authors' ShuffleNetV1 (ShuffleNet-Series/ShuffleNetV1), restated: the same modules,
-    names and forward, with a mean for its 7x7 average pool so that any size works."""
-    nn, relu = torch.nn, torch.nn.functional.relu
+def _authors_v1(torch, group, model_size, n_class=1000, input_size=224,
+                stage_repeats=(4, 8, 4)):
+    """The authors' ShuffleNetV1 (megvii-model/ShuffleNet-Series, ShuffleNetV1/blocks.py and
+    network.py) restated: ShuffleV1Block (branch_main_1, channel_shuffle, branch_main_2, the
+    branch_proj average pool of a stride-2 block) and ShuffleNetV1 (its stage_out_channels table
+    per group and model size, first_conv, maxpool, one `features` sequence, globalpool,
+    classifier), with the same module names. The global pool is network.py's AvgPool2d(7) for
+    input_size 224, AvgPool2d(input_size // 32) here, so that small images work; stage_repeats
+    (network.py's [4, 8, 4]) can be made shallower."""
+    nn, F = torch.nn, torch.nn.functional
 
-    class Unit(nn.Module):
-        def __init__(self, inp, oup, first, stride):
+    class ShuffleV1Block(nn.Module):
+        def __init__(self, inp, oup, *, group, first_group, mid_channels, ksize, stride):
             super().__init__()
-            mid, out = oup // 4, oup - inp if stride == 2 else oup
-            self.stride = stride
+            assert stride in [1, 2]
+            self.stride, self.group = stride, group
+            pad = ksize // 2
+            outputs = oup - inp if stride == 2 else oup
             self.branch_main_1 = nn.Sequential(
-                nn.Conv2d(inp, mid, 1, groups=1 if first else groups, bias=False),
-                nn.BatchNorm2d(mid), nn.ReLU(),
-                nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid))
+                nn.Conv2d(inp, mid_channels, 1, 1, 0, groups=1 if first_group else group,
+                          bias=False),
+                nn.BatchNorm2d(mid_channels),
+                nn.ReLU(),
+                nn.Conv2d(mid_channels, mid_channels, ksize, stride, pad, groups=mid_channels,
+                          bias=False),
+                nn.BatchNorm2d(mid_channels))
             self.branch_main_2 = nn.Sequential(
-                nn.Conv2d(mid, out, 1, groups=groups, bias=False), nn.BatchNorm2d(out))
+                nn.Conv2d(mid_channels, outputs, 1, 1, 0, groups=group, bias=False),
+                nn.BatchNorm2d(outputs))
+            if stride == 2:
+                self.branch_proj = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
 
-        def forward(self, x):
-            y = self.branch_main_1(x)
-            b, c, h, w = y.shape
-            y = y.reshape(b, c // groups, groups, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
-            y = self.branch_main_2(y)
+        def forward(self, old_x):
+            x = self.branch_main_1(old_x)
+            if self.group > 1:
+                x = self.channel_shuffle(x)
+            x = self.branch_main_2(x)
             if self.stride == 1:
-                return relu(y + x)
-            return torch.cat([nn.functional.avg_pool2d(x, 3, 2, 1), relu(y)], 1)
+                return F.relu(x + old_x)
+            return torch.cat((self.branch_proj(old_x), F.relu(x)), 1)
 
-    class Net(nn.Module):
+        def channel_shuffle(self, x):
+            batchsize, num_channels, height, width = x.size()
+            group_channels = num_channels // self.group
+            x = x.reshape(batchsize, group_channels, self.group, height, width)
+            x = x.permute(0, 2, 1, 3, 4)
+            return x.reshape(batchsize, num_channels, height, width)
+
+    class ShuffleNetV1(nn.Module):
         def __init__(self):
             super().__init__()
-            stem, *stages = channels
-            self.first_conv = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False),
-                                            nn.BatchNorm2d(stem), nn.ReLU())
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            units, c_in = [], stem
-            for s, (repeats, c) in enumerate(zip((4, 8, 4), stages)):
-                for i in range(repeats):
-                    units.append(Unit(c_in, c, s == 0 and i == 0, 2 if i == 0 else 1))
-                    c_in = c
-            self.features = nn.Sequential(*units)
-            self.classifier = nn.Sequential(nn.Linear(c_in, num_classes, bias=False))
+            self.stage_repeats = list(stage_repeats)
+            self.stage_out_channels = {
+                (3, "0.5x"): [-1, 12, 120, 240, 480], (3, "1.0x"): [-1, 24, 240, 480, 960],
+                (3, "1.5x"): [-1, 24, 360, 720, 1440], (3, "2.0x"): [-1, 48, 480, 960, 1920],
+                (8, "0.5x"): [-1, 16, 192, 384, 768], (8, "1.0x"): [-1, 24, 384, 768, 1536],
+                (8, "1.5x"): [-1, 24, 576, 1152, 2304], (8, "2.0x"): [-1, 48, 768, 1536, 3072],
+            }[group, model_size]
+            input_channel = self.stage_out_channels[1]
+            self.first_conv = nn.Sequential(nn.Conv2d(3, input_channel, 3, 2, 1, bias=False),
+                                            nn.BatchNorm2d(input_channel), nn.ReLU())
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            features = []
+            for idxstage, numrepeat in enumerate(self.stage_repeats):
+                output_channel = self.stage_out_channels[idxstage + 2]
+                for i in range(numrepeat):
+                    features.append(ShuffleV1Block(
+                        input_channel, output_channel, group=group,
+                        first_group=idxstage == 0 and i == 0, mid_channels=output_channel // 4,
+                        ksize=3, stride=2 if i == 0 else 1))
+                    input_channel = output_channel
+            self.features = nn.Sequential(*features)
+            self.globalpool = nn.AvgPool2d(input_size // 32)
+            self.classifier = nn.Sequential(
+                nn.Linear(self.stage_out_channels[-1], n_class, bias=False))
 
         def forward(self, x):
-            x = self.features(self.maxpool(self.first_conv(x)))
-            return self.classifier(x.mean((2, 3)))
+            x = self.maxpool(self.first_conv(x))
+            x = self.globalpool(self.features(x))
+            return self.classifier(x.contiguous().view(-1, self.stage_out_channels[-1]))
 
-    return Net()
+    return ShuffleNetV1()
 
 
-@pytest.mark.parametrize("name", ["shufflenet_v1_g3", "shufflenet_v1_g8_x0_5"])
-def test_v1_equals_the_authors_code_on_converted_weights(name):
+def _he_normal_convs(torch, model, seed=0):
+    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
+    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
+    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
+    network would move the outputs by less than the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+
+
+# Two units per stage keep every kind of unit: stage 2's first (ungrouped 1x1), the other
+# stride-2 ones (average-pooled input concatenated) and stride-1 ones (residual).
+V1_SHALLOW = dict(stages_repeats=(2, 2, 2))
+
+
+@pytest.mark.parametrize("name,group,model_size", [("shufflenet_v1_g3", 3, "1.0x"),
+                                                   ("shufflenet_v1_g8_x0_5", 8, "0.5x")])
+def test_v1_logits_and_stage_maps_equal_the_authors_code(name, group, model_size):
     torch = reference.torch()
     torch.manual_seed(0)
-    g, s, stem = V1_ROWS[name]
-    model = _authors_v1(torch, g, (stem, *(int(c * s) for c in TABLE1[g])), num_classes=10)
-    reference.randomize_batchnorm(model.eval())
-    images = random_images(2, 32)
-    ref_logits, _ = _run_torch(model, images)
-    params, state = nets.convert.from_torch(name, model.state_dict(), 10)
-    assert params["shufflenet_v1/fc"]["w"].shape == (model.classifier[0].in_features, 10)
-    logits, _ = jitted_apply(name, 10)(params, state, None, images, is_training=False)
-    assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
-    assert np.abs(ref_logits).max() > 0.1
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    model = _authors_v1(torch, group, model_size, n_class=10, input_size=SIZE,
+                        stage_repeats=V1_SHALLOW["stages_repeats"])
+    _he_normal_convs(torch, model)
+    reference.randomize_batchnorm(model)
+    model.eval()
+    # The authors' widths are ours: the registry's rule reproduces their table.
+    assert shufflenet.v1_channels(*V1_ROWS[name][:2]) == tuple(model.stage_out_channels[1:])
+    images = random_images(2, SIZE)
+    # Stage outputs: the max pool (stride 4), then the last unit of each stage.
+    ends = np.cumsum(model.stage_repeats) - 1
+    stages = [("stage1", model.maxpool)] + [(f"stage{s + 2}", model.features[int(i)])
+                                            for s, i in enumerate(ends)]
+    ref_maps = {}
+    hooks = [m.register_forward_hook(
+        lambda m, i, out, key=key: ref_maps.__setitem__(key, out.numpy().transpose(0, 2, 3, 1)))
+        for key, m in stages]
+    with torch.no_grad():
+        ref_logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    for hook in hooks:
+        hook.remove()
+    params, state = nets.convert.from_torch(name, model.state_dict(), 10, **V1_SHALLOW)
+    (logits, maps), _ = _v1_logits_and_stage_maps(name)(params, state, None, images)
+    assert logits.shape == (2, 10) and np.abs(ref_logits).max() > 0.1
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
+    assert set(maps) == set(ref_maps)
+    for stage, ref_map in ref_maps.items():
+        assert maps[stage].shape == ref_map.shape, stage
+        np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4 * np.abs(ref_map).max(),
+                                   rtol=0, err_msg=stage)
+
+
+@functools.cache
+def _v1_logits_and_stage_maps(name):
+    """One compiled eval apply (10 classes, V1_SHALLOW) giving the logits and the stage maps that
+    `features` (that of `nets.transformed_features`) returned on the way."""
+
+    def forward(images):
+        maps = {}
+
+        def record(next_fn, args, kwargs, context):
+            out = next_fn(*args, **kwargs)
+            if context.method_name == "features":
+                maps.update(out)
+            return out
+
+        with hk.intercept_methods(record):
+            logits = nets.create(name, 10, **V1_SHALLOW)(images, is_training=False)
+        return logits, maps
+
+    return jax.jit(hk.transform_with_state(forward).apply)
