@@ -61,6 +61,17 @@ MUTATIONS = (
     Mutation("nfnet: WSConv eps floor -> added", "nets/nfnet.py", (
         ("lax.rsqrt(jnp.maximum(fan_in * var, self.eps))", "lax.rsqrt(fan_in * var + self.eps)"),),
         ("tests/test_nfnet.py", "tests/test_nfnet_official.py")),
+    Mutation("shufflenet v1: the stride-2 unit's pool excludes padding", "nets/shufflenet.py", (
+        ("layers.avg_pool(x, 3, 2, padding=1)",
+         "layers.avg_pool(x, 3, 2, padding=1, count_include_pad=False)"),),
+        ("tests/test_shufflenet.py", "-k", "v1")),
+    Mutation("randaugment: rotate 30 -> 45 degrees at magnitude 10", "data/randaugment.py", (
+        ("m / MAX_LEVEL * 30.0", "m / MAX_LEVEL * 45.0"),),
+        ("tests/test_randaugment.py",)),
+    Mutation("summary: a depthwise conv's MACs counted as dense", "tools/summary.py", (
+        ("math.prod(y.shape[1:]) * math.prod(w.shape[:-1])",
+         "math.prod(y.shape[1:]) * math.prod(w.shape[:-2]) * x.shape[-1]"),),
+        ("tests/test_tools_summary.py",)),
     Mutation("BatchNorm eps 1e-5 -> 1e-3 (torch models)", "nets/layers.py", (
         ("lax.rsqrt(var + self.eps)", "lax.rsqrt(var + max(self.eps, 1e-3))"),),
         ("tests/test_resnet_reference.py",)),
