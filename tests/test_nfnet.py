@@ -1,7 +1,5 @@
 """NFNet: counts per role against the official code's (tests/reference/nfnet_official.json),
-the block table, signal propagation, timm equivalence and the official checkpoint layout."""
-
-import functools
+the block table, signal variance, timm equivalence and the official checkpoint layout."""
 
 import haiku as hk
 import jax
@@ -111,13 +109,6 @@ def test_every_block_preserves_the_expected_signal_variance():
         expected = (1.0 if spec.index == 0 else e_in ** 2) + 0.2 ** 2
         measured = float(jnp.var(f.apply(params, None, x)))
         assert abs(measured / expected - 1) < 0.05, (spec, measured, expected)
-
-
-def test_signal_propagation_reports_one_variance_per_block():
-    f = hk.transform(lambda x: nets.create("nfnet_f0").signal_propagation(x))
-    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    params = jax.eval_shape(functools.partial(f.init, jax.random.key(0)), x)
-    assert jax.eval_shape(f.apply, params, None, x).shape == (12,)
 
 
 def _jaxpr_size(name):
