@@ -58,7 +58,7 @@ MUTATIONS = (
     Mutation("nfnet: official tanh GELU -> exact", "nets/nfnet.py", (
         ("jax.nn.gelu(x, approximate=True)", "jax.nn.gelu(x, approximate=False)"),),
         ("tests/test_nfnet.py", "tests/test_nfnet_official.py")),
-    Mutation("nfnet: WSConv eps floor -> added", "nets/nfnet.py", (
+    Mutation("nfnet: WSConv eps floor -> added", "nets/layers.py", (
         ("lax.rsqrt(jnp.maximum(fan_in * var, self.eps))", "lax.rsqrt(fan_in * var + self.eps)"),),
         ("tests/test_nfnet.py", "tests/test_nfnet_official.py")),
     Mutation("shufflenet v1: the stride-2 unit's pool excludes padding", "nets/shufflenet.py", (
