@@ -28,6 +28,8 @@ SHALLOW = dict(layers=(1, 1, 1, 1))  # one block per stage where the block is wh
 # case: (our variant, its overrides, the reference model)
 REFERENCES = {
     "resnet18": ("resnet18", {}, lambda: reference.torchvision().models.resnet18()),
+    # resnet34: basic blocks at depths (3, 4, 6, 3), several per stage after the downsampling one
+    "resnet34": ("resnet34", {}, lambda: reference.torchvision().models.resnet34()),
     "resnet50": ("resnet50", {}, lambda: reference.torchvision().models.resnet50()),
     "resnext50_32x4d": ("resnext50_32x4d", {},
                         lambda: reference.torchvision().models.resnext50_32x4d()),
