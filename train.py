@@ -5,13 +5,16 @@
     python train.py --config experiments/nfnet_f1.py:local   # the same model on a CPU
     python train.py --config experiments/resnet50.py --config.batch_size=512 --workdir runs/r50
 
-A run resumes from the newest checkpoint in its workdir. Multi-host: run the same command on
-every host (with --coordinator_address, --num_processes and --process_id where JAX cannot find
-the cluster by itself).
+A run resumes from the newest checkpoint in its workdir (a config that changes the run's meaning
+is refused there: training/resume.py). Exit status 0: finished; 1: a run error; 2: a usage or
+config error; 75: stopped by SIGTERM after writing a checkpoint (run it again). Multi-host: run
+the same command on every host (with --coordinator_address, --num_processes and --process_id
+where JAX cannot find the cluster by itself).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -25,7 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, f"Experiment config file[:arg] (default {DEFAULT_CONFIG}); override fields "
     "with --config.FIELD=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", "", "Checkpoints, metrics.jsonl and TensorBoard logs; default runs/<experiment>.")
+    "workdir", "", "Checkpoints, metrics.jsonl and TensorBoard logs; default "
+    "runs/<experiment>[-<arg>][-<hash of the --config overrides>].")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
@@ -53,10 +57,22 @@ def parse_flags(argv):
               "a field the config defines (experiments/common.py lists them); it cannot add one.")
 
 
-def default_workdir(config_flag: str) -> str:
+# Exit statuses: 0 finished, 1 a run error (data, checkpoint, non-finite loss), 2 a usage or
+# config error, PREEMPTED after SIGTERM once the checkpoint is written (sysexits' EX_TEMPFAIL:
+# not done, run the same command again).
+PREEMPTED = 75
+
+
+def default_workdir(config_flag: str, argv: list[str]) -> str:
+    """runs/<experiment>[-<arg>][-<hash of the --config.* overrides>]: two configs never share
+    a workdir; the same overrides in any order give the same one."""
     path, _, arg = config_flag.partition(":")
-    name = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join("runs", name + (f"-{arg.replace(',', '-')}" if arg else ""))
+    name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg.replace(',', '-')}"
+                                                          if arg else "")
+    overrides = sorted(a for a in argv if a.startswith("--config."))
+    if overrides:
+        name += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    return os.path.join("runs", name)
 
 
 def main(argv):
@@ -69,13 +85,20 @@ def main(argv):
 
     import data
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(
-        flags.FLAGS["config"]))
+        flags.FLAGS["config"]), sys.argv)
     try:
         results = training.run(_CONFIG.value, workdir)
-    except (data.DatasetNotFoundError, training.CheckpointMismatchError,
-            training.NonFiniteLossError, training.ConfigError, NotImplementedError) as e:
+    except training.ConfigError as e:   # one line per problem, like a flag error: status 2
+        for line in str(e).splitlines():
+            print(f"train.py: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except (data.DatasetNotFoundError, data.UnreadableImageError, data.ImageFolderError,
+            training.CheckpointMismatchError, training.CheckpointUnreadableError,
+            training.NonFiniteLossError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    if results.preempted:
+        sys.exit(PREEMPTED)
     if results.final_line:
         print(results.final_line)
 

@@ -4,12 +4,17 @@
 The functions below are the classification task's."""
 
 from data.builtin import prepare_builtin
-from data.classification import (eval_batches, eval_preprocessor, num_train_examples,
-                                 train_iterator)
-from data.sources import DatasetNotFoundError
+from data.classification import (check_num_classes, eval_batches, eval_preprocessor,
+                                 num_train_examples, train_iterator)
+from data.decode import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError
+from data.sources import DatasetNotFoundError, ImageFolderError
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetNotFoundError",
+    "ImageFolderError",
+    "UnreadableImageError",
+    "check_num_classes",
     "eval_batches",
     "eval_preprocessor",
     "num_train_examples",

@@ -7,10 +7,17 @@ Train images: decode the crop only -> flip -> resize (`image_ops`: TF's or torch
 [RandAugment] -> [MixUp / CutMix of pairs] -> [RandAugment after mixing: the NFNet default]
 -> normalise. RandAugment always sees the image clipped to [0, 255] and truncated to uint8, as
 the official pipeline casts it.
+
+An image that cannot be decoded (data/decode.py: truncated, corrupt, not an image, over
+data.max_image_pixels) raises `UnreadableImageError` naming the dataset, split, example index
+and, for image folders, the file. With data.skip_unreadable, a train example is replaced by the
+next readable one of its epoch's permutation (data/sampler.py, deterministic and resumable) and
+counted in the train iterator's `unreadable`; an eval example is left out (mask False).
 """
 
 import dataclasses
 import functools
+import itertools
 
 import numpy as np
 
@@ -19,6 +26,10 @@ from data.sampler import Sharding, example_rng
 
 # What this task reads of each example.
 FEATURES = ("image", "label")
+# With data.skip_unreadable, this many unreadable examples in a row (in permutation order) mean
+# something is wrong beyond a few bad files: an error, not an endless search.
+MAX_CONSECUTIVE_UNREADABLE = 100
+UnreadableImageError = decode.UnreadableImageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,9 @@ class Recipe:
     randaugment_magnitude: float
     augment_before_mix: bool
     num_classes: int
+    # Fields added later have defaults, for configs recorded in older checkpoints.
+    skip_unreadable: bool = False
+    max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
@@ -56,8 +70,14 @@ class Recipe:
                              "data.interpolation='bicubic' or data.image_ops='torchvision'")
         if cfg.randaugment_layers < 0 or cfg.mixup_alpha < 0:
             raise ValueError("data.randaugment_layers and data.mixup_alpha must be >= 0")
-        names = [field.name for field in dataclasses.fields(cls)]
-        values = {name: cfg[name] for name in names}
+        if cfg.get("max_image_pixels", 0) < 0:
+            raise ValueError("data.max_image_pixels must be >= 0 (0: no limit)")
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.default is dataclasses.MISSING:
+                values[field.name] = cfg[field.name]
+            else:
+                values[field.name] = cfg.get(field.name, field.default)
         values["mean"], values["std"] = tuple(cfg.mean), tuple(cfg.std)
         return cls(**values)
 
@@ -81,14 +101,15 @@ def train_image(image, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
     """Encoded or decoded image -> float32 (train_size, train_size, 3), before mixing."""
     size = recipe.train_size
     if recipe.random_resized_crop:
-        height, width = decode.image_size(image)
+        height, width = decode.image_size(image, recipe.max_image_pixels)
         box = augment.train_crop_box(rng, height, width, recipe.image_ops, recipe.min_area,
                                      size)
-        pixels = decode.decode(image, box)
+        pixels = decode.decode(image, box, recipe.max_image_pixels)
         if recipe.flip:
             pixels = augment.random_flip(pixels, rng)
         return augment.resize_to(pixels, size, recipe.image_ops, recipe.interpolation)
-    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess, size,
+    pixels = augment.eval_preprocess(decode.decode(image, max_pixels=recipe.max_image_pixels),
+                                     recipe.eval_preprocess, size,
                                      recipe.crop_fraction, recipe.image_ops,
                                      recipe.interpolation)
     return augment.random_flip(pixels, rng) if recipe.flip else pixels
@@ -96,8 +117,9 @@ def train_image(image, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
 
 def eval_image(image, recipe: Recipe) -> np.ndarray:
     """Encoded or decoded image -> normalised float32 (test_size, test_size, 3)."""
-    pixels = augment.eval_preprocess(decode.decode(image), recipe.eval_preprocess,
-                                     recipe.test_size, recipe.crop_fraction, recipe.image_ops,
+    pixels = augment.eval_preprocess(decode.decode(image, max_pixels=recipe.max_image_pixels),
+                                     recipe.eval_preprocess, recipe.test_size,
+                                     recipe.crop_fraction, recipe.image_ops,
                                      recipe.interpolation)
     return augment.normalize(pixels, recipe.mean, recipe.std)
 
@@ -108,14 +130,56 @@ def eval_preprocessor(cfg):
     return functools.partial(eval_image, recipe=Recipe.from_config(cfg))
 
 
+def _unreadable(error: UnreadableImageError, where: str, source, index: int, *,
+                train: bool) -> UnreadableImageError:
+    """The decoding error with the example named, as one line."""
+    path = sources.describe_example(source, index)
+    reason = " ".join(str(error).split()).rstrip(".")    # one line
+    fix = ("set data.skip_unreadable=True to replace such train examples by readable ones "
+           "(deterministically, counted) and leave them out of evaluation" if train else
+           "set data.skip_unreadable=True to leave such examples out of evaluation")
+    return UnreadableImageError(
+        f"unreadable image: {where or 'dataset'} example {int(index)}"
+        f"{f' ({path})' if path else ''}: {reason}. Fix or remove it, or {fix}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainBatchMaker:
-    """step -> this process's train batch; a picklable callable for grain's workers."""
+    """step -> this process's train batch; a picklable callable for grain's workers. The batch
+    also holds `sampler.UNREADABLE`: how many unreadable examples it skipped (the train
+    iterator takes it out)."""
 
     source: object
     recipe: Recipe
     sharding: Sharding
     seed: int
+    where: str = ""     # "name:split", for error messages
+
+    def _example(self, position: int, index: int) -> tuple[np.ndarray, int, int]:
+        """(image before mixing, label, unreadable examples skipped) for stream `position`."""
+        recipe, seed = self.recipe, self.seed
+        candidates = [int(index)]
+        if recipe.skip_unreadable:
+            candidates = itertools.chain(candidates, sampler.successors(
+                seed, position, len(self.source),
+                self.sharding.global_batch * recipe.examples_per_row))
+        for skipped, candidate in enumerate(candidates):
+            example = self.source[candidate]
+            try:
+                # A fresh generator per attempt: a replacement gets position's choices afresh.
+                image = train_image(example["image"],
+                                    example_rng(seed, sampler.EXAMPLE_STREAM, position), recipe)
+            except UnreadableImageError as error:
+                named = _unreadable(error, self.where, self.source, candidate, train=True)
+                if not recipe.skip_unreadable:
+                    raise named from error
+                if skipped + 1 >= MAX_CONSECUTIVE_UNREADABLE:
+                    raise UnreadableImageError(
+                        f"{skipped + 1} unreadable examples in a row (data.skip_unreadable "
+                        f"is on), is the dataset broken? The last: {named}") from error
+                continue
+            return image, example["label"], skipped
+        raise UnreadableImageError(f"no readable example in {self.where or 'the dataset'}")
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         recipe, seed = self.recipe, self.seed
@@ -123,21 +187,20 @@ class TrainBatchMaker:
                                                      len(self.source), recipe.examples_per_row)
         augment_each = recipe.randaugment_layers > 0 and (recipe.augment_before_mix
                                                           or not recipe.mixes)
-        images, labels = [], []
+        images, labels, unreadable = [], [], 0
         for position, index in zip(positions, indices):
-            example = self.source[int(index)]
-            image = train_image(example["image"],
-                                example_rng(seed, sampler.EXAMPLE_STREAM, position), recipe)
+            image, label, skipped = self._example(int(position), int(index))
             if augment_each:
                 image = _randaugment(
                     image, example_rng(seed, sampler.RANDAUGMENT_EXAMPLE_STREAM, position), recipe)
             images.append(image)
-            labels.append(example["label"])
+            labels.append(label)
+            unreadable += skipped
         targets = augment.one_hot(np.asarray(labels), recipe.num_classes)
         if recipe.mixes:
             images, targets = self._mix(step, images, targets)
         return {"images": augment.normalize(np.stack(images), recipe.mean, recipe.std),
-                "targets": targets}
+                "targets": targets, sampler.UNREADABLE: np.int64(unreadable)}
 
     def _mix(self, step: int, images: list, targets: np.ndarray) -> tuple[list, np.ndarray]:
         recipe, seed = self.recipe, self.seed
@@ -158,11 +221,13 @@ class TrainBatchMaker:
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatchMaker:
-    """step -> this process's eval batch, padded with mask False past the split's end."""
+    """step -> this process's eval batch, padded with mask False past the split's end (and, with
+    data.skip_unreadable, at unreadable examples)."""
 
     source: object
     recipe: Recipe
     sharding: Sharding
+    where: str = ""     # "name:split", for error messages
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         size = self.recipe.test_size
@@ -172,7 +237,14 @@ class EvalBatchMaker:
         mask = self.sharding.global_positions(step) < len(self.source)
         for row, position in enumerate(self.sharding.global_positions(step)[mask]):
             example = self.source[int(position)]
-            images[row] = eval_image(example["image"], self.recipe)
+            try:
+                images[row] = eval_image(example["image"], self.recipe)
+            except UnreadableImageError as error:
+                if not self.recipe.skip_unreadable:
+                    raise _unreadable(error, self.where, self.source, position,
+                                      train=False) from error
+                mask[row] = False
+                continue
             labels[row] = example["label"]
         return {"images": images, "labels": labels, "mask": mask}
 
@@ -182,11 +254,10 @@ def _source(cfg, split: str):
                                features=FEATURES, task="classification")
 
 
-def _check_num_classes(cfg) -> None:
-    dataset_classes = sources.num_classes(cfg.name, sources.data_dir(cfg.data_dir))
-    if dataset_classes > cfg.num_classes:
-        raise ValueError(f"{cfg.name} has {dataset_classes} classes but data.num_classes is "
-                         f"{cfg.num_classes}")
+def check_num_classes(cfg) -> None:
+    """The dataset's class count against data.num_classes (`cfg` a config's `data`): an image
+    folder's must equal it, a TFDS dataset's must not exceed it; else an error with both."""
+    sources.check_num_classes(cfg.name, sources.data_dir(cfg.data_dir), cfg.num_classes)
 
 
 def train_iterator(cfg, *, global_batch: int, seed: int, process_index: int = 0,
@@ -194,14 +265,15 @@ def train_iterator(cfg, *, global_batch: int, seed: int, process_index: int = 0,
     """Infinite host-local train batches of the dataset `cfg` (a config's `data`) names."""
     source = _source(cfg, cfg.train_split)   # a missing dataset is the first thing to say
     recipe = Recipe.from_config(cfg)
-    _check_num_classes(cfg)
+    check_num_classes(cfg)
     per_step = global_batch * recipe.examples_per_row
     if len(source) < per_step:
         raise ValueError(f"a step reads {per_step} examples (global batch {global_batch}"
                          f"{' x 2 to mix' if recipe.mixes else ''}), more than the "
                          f"{len(source)} of {cfg.name}:{cfg.train_split}")
     sharding = Sharding(global_batch, process_index, process_count)
-    return sampler.TrainIterator(TrainBatchMaker(source, recipe, sharding, int(seed)),
+    maker = TrainBatchMaker(source, recipe, sharding, int(seed), f"{cfg.name}:{cfg.train_split}")
+    return sampler.TrainIterator(maker,
                                  num_examples=len(source), sharding=sharding, seed=seed,
                                  workers=cfg.workers)
 
@@ -210,8 +282,11 @@ def eval_batches(cfg, *, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> sampler.EvalBatches:
     """The eval split in order, host-sharded, padded with mask False past its end."""
     source = _source(cfg, cfg.eval_split)
+    check_num_classes(cfg)
     sharding = Sharding(global_batch, process_index, process_count)
-    return sampler.EvalBatches(EvalBatchMaker(source, Recipe.from_config(cfg), sharding),
+    maker = EvalBatchMaker(source, Recipe.from_config(cfg), sharding,
+                           f"{cfg.name}:{cfg.eval_split}")
+    return sampler.EvalBatches(maker,
                                num_examples=len(source), global_batch=global_batch,
                                workers=cfg.workers)
 

@@ -8,7 +8,15 @@ row q reads the examples at stream positions K*q .. K*q+K-1, where the stream is
 in a permutation drawn from (seed, epoch) alone, epoch after epoch. Every random choice is seeded
 from (seed, stream, stream position) for per-example choices or (seed, stream, row) for per-row
 ones (`example_rng`), so no result depends on the process count and an iterator's state is just
-the next step number.
+the next step number (and the count of unreadable examples replaced so far).
+
+Unreadable examples (data.skip_unreadable): the example at stream position p that cannot be
+decoded is replaced by the next readable example after it in the same epoch's permutation
+(`successors`, cyclically), prepared with position p's random choices. The replacement depends
+only on (seed, p) and the files, so it is the same on every host, for any process count and
+after a resume; batches stay full and an epoch still reads each readable example at least once.
+A batch maker reports how many examples it skipped under the key `UNREADABLE`, which the train
+iterator removes from the batch and adds to its running count.
 """
 
 import dataclasses
@@ -30,6 +38,8 @@ _MAX_STEPS = 2**40
 _MAX_THREADS = 16
 _THREADS_PER_WORKER = 2
 _PREFETCH_BATCHES = 4
+# The key under which a batch maker reports the unreadable examples it skipped.
+UNREADABLE = "unreadable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +88,16 @@ def stream_examples(seed: int, step: int, sharding: Sharding, num_examples: int,
     return positions, epoch_permutation(seed, epoch, num_examples)[in_epoch]
 
 
+def successors(seed: int, position: int, num_examples: int, examples_per_step: int):
+    """The example indices after stream position `position` in its epoch's permutation,
+    cyclically (all other examples once): where an unreadable example's replacement is sought."""
+    epoch_length = (num_examples // examples_per_step) * examples_per_step
+    epoch, offset = divmod(int(position), epoch_length)
+    permutation = epoch_permutation(seed, epoch, num_examples)
+    for k in range(1, num_examples):
+        yield int(permutation[(offset + k) % num_examples])
+
+
 def example_rng(seed: int, stream: int, position: int) -> np.random.Generator:
     """The generator of one random choice: (seed, stream, stream position or row)."""
     return np.random.default_rng([seed, stream, int(position)])
@@ -114,7 +134,12 @@ def iterate(steps: grain.MapDataset, workers: int) -> grain.DatasetIterator:
 
 class TrainIterator:
     """Infinite host-local train batches, `make_batch(step)` for step = 0, 1, ... (a picklable
-    callable, for grain's workers); `get_state()` is the next step, JSON-serialisable."""
+    callable, for grain's workers); `get_state()` is the next step, JSON-serialisable.
+
+    `unreadable`: how many unreadable examples this process's batches skipped so far (the batch
+    maker's `UNREADABLE` counts, summed as batches are taken). It is part of the state, so it
+    survives a resume; in a multi-process run each process counts its own rows, and a
+    checkpoint keeps the saving process's count."""
 
     def __init__(self, make_batch, *, num_examples: int, sharding: Sharding, seed: int,
                  workers: int):
@@ -124,6 +149,7 @@ class TrainIterator:
         self._seed = int(seed)
         self._workers = int(workers)
         self._step = 0
+        self.unreadable = 0
         self._batches = None
 
     def __iter__(self):
@@ -135,12 +161,13 @@ class TrainIterator:
             steps = grain.MapDataset.range(self._step, _MAX_STEPS).map(self._make_batch)
             self._batches = iterate(steps, self._workers)
         batch = next(self._batches)
+        self.unreadable += int(batch.pop(UNREADABLE, 0))
         self._step += 1
         return batch
 
     def get_state(self) -> dict:
         return {"step": self._step, "seed": self._seed,
-                "global_batch": self._sharding.global_batch}
+                "global_batch": self._sharding.global_batch, "unreadable": self.unreadable}
 
     def set_state(self, state: dict) -> None:
         # Another process count is fine: global batches do not depend on it.
@@ -150,6 +177,7 @@ class TrainIterator:
                 raise ValueError(f"iterator state has {key}={state[key]}, this iterator {ours}")
         self.close()
         self._step = int(state["step"])
+        self.unreadable = int(state.get("unreadable", 0))   # absent in older checkpoints
 
     def close(self) -> None:
         # Dropping grain's iterator stops its threads and worker processes.

@@ -5,6 +5,9 @@ asks for by name ({"image": encoded bytes, "label": int} for classification).
   `tfds.data_source` and image decoding skipped (the pipeline decodes once it knows the crop).
 - `image_folder`: the user's own images as `data_dir/<split>/<class name>/<file>`; classes are
   the sorted union of class directory names over all splits, so every split labels alike.
+  Hidden entries (names starting with ".": `.ipynb_checkpoints`, `.DS_Store`, macOS `._x.jpg`)
+  are ignored at every level, as are files without an image extension; a class directory with
+  no image in it is an error (likely an incomplete copy; it would still count as a class).
 """
 
 import dataclasses
@@ -70,14 +73,34 @@ IMAGE_FOLDER = "image_folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+class ImageFolderError(ValueError):
+    """An image folder whose layout cannot be read as classes (e.g. an empty class directory)."""
+
+
+def _visible_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(d for d in directory.iterdir() if not d.name.startswith(".") and d.is_dir())
+
+
+def _is_image(path: pathlib.Path) -> bool:
+    return (not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+            and path.is_file())
+
+
 def _class_names(root: pathlib.Path) -> list[str]:
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"image folder {str(root)!r} does not exist; set data.data_dir to a directory laid "
             f"out as <data_dir>/<split>/<class name>/<image file>")
-    names = {d.name for split in root.iterdir() if split.is_dir()
-             for d in split.iterdir() if d.is_dir()}
-    return sorted(names)
+    class_dirs = [d for split in _visible_dirs(root) for d in _visible_dirs(split)]
+    # Stops at each directory's first image, so this stays cheap for ImageNet-sized folders.
+    empty = [str(d) for d in class_dirs if not any(_is_image(f) for f in d.iterdir())]
+    if empty:
+        raise ImageFolderError(
+            f"image folder {str(root)!r} has {len(empty)} class director"
+            f"{'y' if len(empty) == 1 else 'ies'} with no images ({', '.join(IMAGE_EXTENSIONS)})"
+            f": {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; each class "
+            f"directory counts as a class, so remove or fill them")
+    return sorted({d.name for d in class_dirs})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +116,7 @@ class ImageFolderSource:
         classes = _class_names(root_path)
         split_dir = root_path / split
         if not split_dir.is_dir():
-            splits = sorted(d.name for d in root_path.iterdir() if d.is_dir())
+            splits = [d.name for d in _visible_dirs(root_path)]
             raise DatasetNotFoundError(f"image folder {root!r} has no split {split!r} "
                                        f"(its subdirectories: {splits})")
         paths, labels = [], []
@@ -101,8 +124,7 @@ class ImageFolderSource:
             class_dir = split_dir / name
             if not class_dir.is_dir():
                 continue
-            files = sorted(f for f in class_dir.iterdir()
-                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files = sorted(f for f in class_dir.iterdir() if _is_image(f))
             paths += [str(f) for f in files]
             labels += [label] * len(files)
         if not paths:
@@ -116,6 +138,16 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict:
         return {"image": pathlib.Path(self.paths[index]).read_bytes(),
                 "label": self.labels[index]}
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+def describe_example(source, index: int) -> str:
+    """Where example `index` of a source lives, for error messages: the file of an image
+    folder's example; "" where a source has no such name (TFDS records)."""
+    describe = getattr(source, "describe", None)
+    return describe(int(index)) if describe is not None else ""
 
 
 def open_source(name: str, split: str, directory: str, *,
@@ -150,3 +182,19 @@ def num_classes(name: str, directory: str) -> int:
     if name == IMAGE_FOLDER:
         return len(_class_names(pathlib.Path(directory)))
     return _builder(name, directory).info.features["label"].num_classes
+
+
+def check_num_classes(name: str, directory: str, configured: int) -> None:
+    """The dataset's class count against data.num_classes, or an error saying both. An image
+    folder's labels are its classes' positions in sorted order, so the counts must be equal
+    (a missing or extra directory would move labels); a TFDS dataset may have fewer classes
+    than the head has outputs, not more."""
+    found = num_classes(name, directory)
+    if name == IMAGE_FOLDER and found != configured:
+        classes = _class_names(pathlib.Path(directory))
+        shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
+        raise ValueError(
+            f"image folder {directory!r} has {found} classes ({shown}) but data.num_classes is "
+            f"{configured}; set --config.data.num_classes={found} or fix the class directories")
+    if found > configured:
+        raise ValueError(f"{name} has {found} classes but data.num_classes is {configured}")

@@ -47,6 +47,9 @@ def base() -> ml_collections.ConfigDict:
         augment_before_mix=False,   # RandAugment on each image before mixing, else on the mix
         workers=0,                  # grain worker processes decoding and augmenting; 0: threads
                                     # in the trainer's process, -1: one process per core
+        skip_unreadable=False,      # True: replace undecodable train images by the next readable
+                                    # example of the permutation (counted), mask them in eval
+        max_image_pixels=89_478_485,  # larger images are unreadable (PIL's bomb limit); 0: none
     ))
 
     c.batch_size = 256              # global, over all devices and hosts
@@ -82,6 +85,8 @@ def base() -> ml_collections.ConfigDict:
                                     # state dict of `model` (training/weight_sources.py)
     c.init_from_ema = False         # checkpoints: start from the run's EMA weights
     c.reset_head = False            # keep the fresh head even where its shape fits
+    c.init_from_any_model = False   # weights of another model than `model`: load the leaves
+                                    # that fit by name and shape (else an error)
     c.freeze = ()                   # regexes re.match-ed against module paths without the
                                     # root ("layer1_0.conv1"); zero updates, BN stats kept
 
@@ -104,7 +109,10 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every = 0                # 0: evaluate only at the end
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3          # the newest N checkpoints are kept (>= 1)
+    c.keep_every_steps = 0          # > 0: also keep every checkpoint at a multiple of it
+    c.resume_with_changes = False   # resume although the config changes the run's meaning
+                                    # (training/resume.py; the differences are logged)
     return c
 
 

@@ -42,6 +42,7 @@ def get_config(arg=None):
     args = common.parse_arg(arg)
     c = recipe("gcnet_resnet50")
     c.required = REQUIRED
+    c.init_from_any_model = True    # ResNet-50 weights start a GCNet-ResNet-50: its GC blocks fresh
     c.freeze = FROZEN_STAGES_1
     c.batch_size = 16
     c.num_epochs = 12.0

@@ -42,15 +42,16 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, mask: Any = None,
 
 def nfnet_optimizer(roles: Any, learning_rate: optax.ScalarOrSchedule, *, stacked: Any = None,
                     clipping: float = 0.01, eps: float = 1e-3, weight_decay: float = 2e-5,
-                    momentum: float = 0.9, clip_classifier_bias: bool = True,
+                    momentum: float = 0.9, nesterov: bool = True,
+                    clip_classifier_bias: bool = True,
                     decay_roles: Sequence[str],
                     classifier_roles: tuple[str, str]) -> optax.GradientTransformation:
     """SGD-AGC of the NFNet paper: AGC on every parameter but the classifier weight, then
     coupled weight decay on the leaves whose role is in `decay_roles` (the paper: weights only,
-    not gains, biases or skip gains), then SGD with Nesterov momentum. `classifier_roles`: the
-    roles of the classifier's (weight, bias). The paper says not to clip the final linear layer;
-    the official code excludes only its weight and clips its bias: `clip_classifier_bias`
-    chooses (default: as the code)."""
+    not gains, biases or skip gains), then SGD with Nesterov momentum (the paper's; heavy-ball
+    momentum if not `nesterov`). `classifier_roles`: the roles of the classifier's (weight,
+    bias). The paper says not to clip the final linear layer; the official code excludes only
+    its weight and clips its bias: `clip_classifier_bias` chooses (default: as the code)."""
     weight_role, bias_role = classifier_roles
     unclipped = (weight_role,) + (() if clip_classifier_bias else (bias_role,))
     clip_mask = jax.tree.map(lambda role: role not in unclipped, roles)
@@ -58,5 +59,5 @@ def nfnet_optimizer(roles: Any, learning_rate: optax.ScalarOrSchedule, *, stacke
     return optax.chain(
         adaptive_grad_clip(clipping, eps, mask=clip_mask, stacked=stacked),
         optax.masked(optax.add_decayed_weights(weight_decay), decay_mask),
-        optax.sgd(learning_rate, momentum=momentum, nesterov=True),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )

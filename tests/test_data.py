@@ -448,8 +448,11 @@ def test_image_folder_errors(tmp_path):
     make_image_folder(tmp_path)
     with pytest.raises(data.DatasetNotFoundError, match="no split 'test'"):
         sources.open_source("image_folder", "test", str(tmp_path))
-    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(data.DatasetNotFoundError, match="no images"):
+        sources.open_source("image_folder", "empty", str(tmp_path))
+    (tmp_path / "empty" / "cat").mkdir()    # more in tests/test_data_faults.py
+    with pytest.raises(data.ImageFolderError, match="class directory with no images"):
         sources.open_source("image_folder", "empty", str(tmp_path))
 
 

@@ -202,3 +202,40 @@ def test_sources_that_are_not_weights_are_clear_errors(tmp_path):
     path, _, _ = weights_file(tmp_path, 10, seed=1)
     with pytest.raises(ValueError, match="EMA option applies to training checkpoints"):
         weight_sources.read(path, ema=True)
+
+
+def _init_from_config(path, model="resnet18", **fields):
+    config = common.base()
+    config.model, config.data.num_classes, config.data.train_size = model, 10, SIZE
+    config.init_from = str(path)
+    config.update(fields)
+    return config
+
+
+def _load(config):
+    model = nets.transformed(config.model, num_classes=10)
+    shapes = loop.Variables(*jax.eval_shape(loop._model_init(config, model), jax.random.key(0)))
+    return loop._load_init_from(config, shapes)
+
+
+@pytest.mark.parametrize("source", ["resnet34", "mobilenet_v1_025"])
+def test_weights_of_another_model_are_refused_unless_asked_for(tmp_path, source):
+    """Reproduces ResNet-34 weights loading "102 of 102" into a ResNet-18 (a depth-truncated
+    copy) and MobileNet weights loading "0 of 102" and training from scratch: both refused; with
+    init_from_any_model the ResNet-34 arrays that fit load, and a source of which nothing fits
+    is still an error."""
+    f = nets.transformed(source, num_classes=10)
+    params, state = jax.eval_shape(lambda x: f.init(jax.random.key(0), x, is_training=True),
+                                   jnp.zeros((1, SIZE, SIZE, 3)))
+    path = tmp_path / f"{source}.safetensors"
+    nets.weights.save(path, *(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
+                              for t in (params, state)), model=source)
+    with pytest.raises(loop.ConfigError, match=f"it holds {source} weights and this run builds "
+                                               "resnet18; set config.init_from_any_model=True"):
+        _load(_init_from_config(path))
+    if source == "resnet34":
+        loaded = _load(_init_from_config(path, init_from_any_model=True)).loaded
+        assert loaded.loaded == 102 and len(loaded.unexpected) > 0   # blocks 2+ of each stage
+    else:
+        with pytest.raises(loop.ConfigError, match="none of its arrays fits resnet18"):
+            _load(_init_from_config(path, init_from_any_model=True))

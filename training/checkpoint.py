@@ -1,11 +1,15 @@
-"""Checkpoints: orbax, atomic, keep the newest N, asynchronous, restored into the shardings of
-the state they replace. Each holds the train state, the data iterator's state (so a resumed run
-reads the same examples) and what identifies the run: the model, its overrides and parameter
-shapes, and the config (the preprocessing the model is trained with travels with it)."""
+"""Checkpoints: orbax, atomic, keep the newest N (and every N-th step), asynchronous, restored
+into the shardings of the state they replace. Each holds the train state, the data iterator's
+state (so a resumed run reads the same examples) and what identifies the run: the model, its
+overrides and parameter shapes, and the config (the preprocessing the model is trained with
+travels with it). A checkpoint that does not read (a truncated file, an empty metadata file) is
+set aside and the newest one that reads is used."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -52,32 +56,93 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
             "matching config.")
 
 
+class CheckpointUnreadableError(RuntimeError):
+    """No checkpoint of the directory reads."""
+
+
+class Saved(NamedTuple):
+    """The newest checkpoint whose identification reads: its step, and the model signature and
+    config (a dict) it was written with."""
+
+    step: int
+    signature: dict
+    config: dict
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
 class Checkpoints:
-    def __init__(self, directory: str, keep: int, signature: dict, config_json: str):
+    def __init__(self, directory: str, keep: int, signature: dict, config_json: str, *,
+                 keep_every: int = 0):
+        """keep: the newest checkpoints kept; keep_every > 0 also keeps every checkpoint whose
+        step is a multiple of it (milestones of a long run). Interrupted saves
+        (`<step>.orbax-checkpoint-tmp-*`) are removed."""
         self.directory = os.path.abspath(directory)
         self.signature = signature
         self.meta = {"signature": signature, "config": config_json}
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                                 create=True, cleanup_tmp_directories=True))
+        self.skipped: list[str] = []
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Renames an unreadable checkpoint out of orbax's sight (it lists numeric names only),
+        so that saving that step again is possible and nothing is deleted."""
+        path = os.path.join(self.directory, str(step))
+        if os.path.isdir(path):
+            os.rename(path, f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.skipped.append(f"step {step} ({why})")
+        self.manager.reload()
+
+    def newest_readable(self) -> Saved | None:
+        """The newest checkpoint whose identification reads (None if there is no checkpoint);
+        newer unreadable ones are set aside, each with the reason."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+                return Saved(step, meta["signature"], json.loads(meta["config"]))
+            except Exception as e:   # orbax and TensorStore raise many kinds
+                self._set_aside(step, _first_line(e))
+        if self.skipped:
+            raise CheckpointUnreadableError(
+                f"no checkpoint in {self.directory} reads ({'; '.join(self.skipped)}); they "
+                "were renamed *.unreadable-*. Remove the workdir to start afresh.")
+        return None
 
     def save(self, step: int, state, data_state: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(self.meta)), force=True)
 
-    def restore(self, step: int, like_state):
-        """The state at `step`, with the shardings, dtypes and structure of `like_state`, and the
-        data iterator's state."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        check_compatible(meta["meta"]["signature"], self.signature, self.directory)
+    def restore(self, saved: Saved, like_state):
+        """(step, state, data iterator state) of the newest checkpoint from `saved.step` down
+        that restores, with the shardings, dtypes and structure of `like_state`; newer
+        unreadable ones are set aside. The model signature is checked first."""
+        check_compatible(saved.signature, self.signature, self.directory)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]
+        for step in sorted((s for s in self.manager.all_steps() if s <= saved.step),
+                           reverse=True):
+            try:   # every item must read, the identification included
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore()))
+                signature = restored["meta"]["signature"]
+            except Exception as e:   # orbax and TensorStore raise many kinds
+                self._set_aside(step, _first_line(e))
+                continue
+            check_compatible(signature, self.signature, self.directory)
+            return step, restored["state"], restored["data"]
+        raise CheckpointUnreadableError(
+            f"no checkpoint in {self.directory} restores ({'; '.join(self.skipped)}); they were "
+            "renamed *.unreadable-*. Remove the workdir to start afresh.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

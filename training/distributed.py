@@ -49,3 +49,10 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def total_over_processes(count: int) -> int:
+    """The sum of each process's `count`, on every process."""
+    if jax.process_count() == 1:
+        return count
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(count))))

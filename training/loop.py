@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 
 import nets
-from training import (checkpoint, distributed, metrics, optimizers, steps, tasks, transfer,
-                      weight_sources)
+from training import (checkpoint, config_checks, distributed, metrics, optimizers, resume,
+                      steps, tasks, transfer, weight_sources)
 from training.state import TrainState
 
 
@@ -51,28 +52,33 @@ def _field(config, dotted: str):
 
 
 def _validate(config: ml_collections.ConfigDict, mesh) -> tasks.Task:
-    """The run's task, once the config's fields it and the loop read are checked."""
+    """The run's task, once the config's fields it and the loop read are checked: a ConfigError
+    with one line per problem, all of them, before anything is built."""
+    found, task = [], None
     try:
         task = tasks.get(config.task)
     except ValueError as e:
-        raise ConfigError(f"config.task: {e}") from None
+        found.append(f"config.task: {e}")
     try:
         info = nets.model_info(config.model)   # an unknown name lists close ones
         nets.check_overrides(info, config.model_kwargs.to_dict())
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model: {e}") from None
+        found.append(f"config.model: {e}")
     for field, what in config.required:
         if not _field(config, field):
-            raise ConfigError(f"config.{field} is empty, and this experiment needs it: pass "
-                              f"--config.{field}=PATH with {what}")
-    try:
-        task.validate(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for field in ("batch_size", "eval_batch_size"):
-        if config[field] % mesh.size:
-            raise ConfigError(f"config.{field}={config[field]} must be a multiple of the "
-                              f"{mesh.size} devices the batch is sharded over")
+            found.append(f"config.{field} is empty, and this experiment needs it: pass "
+                         f"--config.{field}=PATH with {what}")
+    if task is not None:
+        try:
+            task.validate(config)
+        except ValueError as e:
+            found.append(str(e))
+    found += config_checks.problems(config, mesh.size)
+    if not found:   # only then open the train split (no image is read) for its size
+        size = config_checks.train_split_size(config)
+        found = [] if size is None else config_checks.train_split_problems(config, size)
+    if found:
+        raise ConfigError("\n".join(found))
     return task
 
 
@@ -124,12 +130,42 @@ def _load_init_from(config, shapes: Variables) -> InitFrom:
         # A PyTorch state dict is read as the reference of this run's model.
         source = weight_sources.read(config.init_from, model=config.model,
                                      ema=config.init_from_ema)
+        if source.model != config.model and not config.init_from_any_model:
+            raise ValueError(
+                f"it holds {source.model} weights and this run builds {config.model}; set "
+                "config.init_from_any_model=True to load the arrays that fit by name and shape")
         head = nets.head_module(config.model, **config.model_kwargs.to_dict())
         loaded = transfer.merge(shapes.params, shapes.state, source, head=head,
                                 reset_head=config.reset_head)
+        if not loaded.loaded:
+            raise ValueError(f"none of its arrays fits {config.model} ({loaded.summary()})")
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
     return InitFrom(source.description, loaded)
+
+
+def _check_resume(config, saved: checkpoint.Saved | None, ckpt) -> list[str]:
+    """Before anything is built: the saved model must be this config's, and the saved config
+    may differ only in harmless fields (training/resume.py) unless config.resume_with_changes.
+    Returns the lines to log."""
+    if saved is None:
+        return []
+    checkpoint.check_compatible(saved.signature, ckpt.signature, ckpt.directory)
+    found = resume.changes(saved.config, json.loads(config.to_json()))
+    if found.meaningful and not config.resume_with_changes:
+        raise ConfigError(
+            f"the checkpoint at step {saved.step} in {ckpt.directory} was written with another "
+            f"config; resuming would report this config's results for that run. Differences: "
+            f"{'; '.join(found.meaningful)}. Use another --workdir, or pass "
+            "--config.resume_with_changes=True to resume with these changes.")
+    lines = []
+    if found.meaningful:
+        lines.append("resuming with config changes (config.resume_with_changes): "
+                     + "; ".join(found.meaningful))
+    if found.harmless:
+        lines.append("config changes since the checkpoint (harmless): "
+                     + "; ".join(found.harmless))
+    return lines
 
 
 def _over_fresh(loaded, params, model_state):
@@ -161,16 +197,18 @@ class Evaluation(NamedTuple):
 
 class Results(NamedTuple):
     """What `run` returns: the final evaluation and the task's closing line, both None when
-    SIGTERM stopped the run before the end."""
+    SIGTERM stopped the run before the end (`preempted`: a checkpoint holds `step`)."""
 
     step: int
     evaluation: Evaluation | None
     final_line: str | None
+    preempted: bool = False
 
 
-def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh) -> Evaluation:
+def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh,
+             stop=lambda: False) -> Evaluation | None:
     """The task's results over the whole eval split, for the params and (when kept) their
-    EMA."""
+    EMA; None when `stop()` (asked between batches, the same on every process) says to stop."""
     variants = {"params": (state.params, state.model_state)}
     if state.ema_params is not None:
         variants["ema"] = (state.ema_params, state.ema_model_state)
@@ -178,6 +216,8 @@ def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh) -> Eval
     sharding = distributed.batch_sharded(mesh)
     for local in task.eval_data(config, process_index=jax.process_index(),
                                 process_count=jax.process_count()):
+        if stop():
+            return None
         batch = distributed.global_batch(local, sharding)
         for name, (params, model_state) in variants.items():
             out = eval_fn(params, model_state, batch)
@@ -220,6 +260,15 @@ def _objective(task: tasks.Task, config, model, dtype, mesh) -> steps.Objective:
                                                    distributed.replicated(mesh)))
 
 
+def _stop_check(mesh, preemption: _Preemption, every: int):
+    """step -> whether to stop for SIGTERM, the same answer on every process. One process asks
+    its own flag each step; several agree (an all-gather, a barrier) only every `every` steps,
+    so hosts are not synchronised each step yet all stop at the same one."""
+    if jax.process_count() == 1:
+        return lambda step: preemption.requested
+    return lambda step: step % every == 0 and distributed.any_process(preemption.requested)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
     """Trains to the end of the schedule (or until SIGTERM) and returns the final evaluation."""
     mesh = distributed.data_mesh()
@@ -233,39 +282,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
     frozen = _frozen_masks(config, shapes)
     objective = _objective(task, config, model, dtype, mesh)   # config errors before the data
     with contextlib.ExitStack() as cleanup:
-        train_data = task.train_data(config, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-        cleanup.callback(train_data.close)
         ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                       config.keep_checkpoints,
                                       checkpoint.model_signature(config, shapes.params),
-                                      config.to_json())
+                                      config.to_json(), keep_every=config.keep_every_steps)
         cleanup.callback(ckpt.close)
         cleanup.callback(ckpt.wait)
-        start = ckpt.latest_step() or 0
+        saved = ckpt.newest_readable()
+        notes = _check_resume(config, saved, ckpt)   # before the data and the init
         # Resuming always wins over init_from.
-        init_from = _load_init_from(config, shapes) if config.init_from and not start else None
+        init_from = _load_init_from(config, shapes) if config.init_from and not saved else None
+        train_data = task.train_data(config, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+        cleanup.callback(train_data.close)
         steps_per_epoch = train_data.num_examples / config.batch_size
         total_steps = config.num_steps or max(1, round(config.num_epochs * steps_per_epoch))
         schedule = optimizers.learning_rate(config.optimizer, config.batch_size,
                                             steps_per_epoch, total_steps)
-        report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size,
-                                  task)
-        cleanup.callback(report.close)
-        if init_from is not None:
-            report.print(f"init_from {init_from.description}: {init_from.loaded.summary()}")
         state, optimizer = init_state(
             config, model,
             lambda p: optimizers.optimizer(config.optimizer, config.model, p, schedule,
                                            frozen=frozen.params if frozen else None),
             mesh, prepare=None if init_from is None else functools.partial(_over_fresh,
                                                                            init_from.loaded))
-        if start:
-            state, data_state = ckpt.restore(start, state)
+        start = 0
+        if saved is not None:
+            start, state, data_state = ckpt.restore(saved, state)
             train_data.set_state(data_state)
-            report.print(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+            notes += [f"set aside an unreadable checkpoint: {s}" for s in ckpt.skipped]
+            notes.append(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
                          + (" (config.init_from is for fresh runs only)" if config.init_from
                             else ""))
+        # Rows logged after `start` by a run killed before its next checkpoint are dropped.
+        report = metrics.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size,
+                                  task, resume_step=start)
+        cleanup.callback(report.close)
+        if init_from is not None:
+            report.print(f"init_from {init_from.description}: {init_from.loaded.summary()}")
+        for note in notes:
+            report.print(note)
         if frozen is not None:
             sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(shapes.params),
                                                  jax.tree.leaves(frozen.params), strict=True)]
@@ -292,6 +347,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
         sharding = distributed.batch_sharded(mesh)
         preemption = _Preemption()
         cleanup.callback(preemption.restore)
+        should_stop = _stop_check(mesh, preemption, config.log_every)
+        eval_stop = lambda: distributed.any_process(preemption.requested)  # noqa: E731
+
+        def preempted(step: int, saved_step: int) -> Results:
+            if saved_step != step:
+                ckpt.save(step, state, train_data.get_state())
+            ckpt.wait()
+            report.print(f"SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; "
+                         "run the same command to resume")
+            return Results(step, None, None, preempted=True)
+
+        def report_unreadable():
+            if config.data.skip_unreadable:
+                total = distributed.total_over_processes(getattr(train_data, "unreadable", 0))
+                report.print(f"unreadable training examples replaced so far: {total} "
+                             "(data.skip_unreadable)")
+
         history, previous = [], None
         report.start(start)
         for step in range(start + 1, total_steps + 1):
@@ -306,17 +378,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
                 _check_finite(step_metrics, step, ckpt)
                 report.train(step, history)
                 history = []
-            stop = distributed.any_process(preemption.requested)
+            stop = should_stop(step)
             if stop or last or step % config.checkpoint_every == 0:
                 _check_finite(step_metrics, step, ckpt)
                 ckpt.save(step, state, train_data.get_state())
             if stop:
-                ckpt.wait()
-                report.print(f"SIGTERM: saved the checkpoint at step {step} in "
-                             f"{ckpt.directory}; run the same command to resume")
-                return Results(step, None, None)
+                return preempted(step, step)
             if config.eval_every and step % config.eval_every == 0 and not last:
-                report.eval(step, evaluate(task, config, eval_fn, state, mesh))
-        evaluation = evaluate(task, config, eval_fn, state, mesh)
+                evaluation = evaluate(task, config, eval_fn, state, mesh, eval_stop)
+                if evaluation is None:
+                    return preempted(step, step if step % config.checkpoint_every == 0
+                                     else None)
+                report.eval(step, evaluation)
+                report_unreadable()
+        evaluation = evaluate(task, config, eval_fn, state, mesh, eval_stop)
+        if evaluation is None:   # the last step's checkpoint is written: a rerun evaluates
+            return preempted(total_steps, total_steps)
         report.eval(total_steps, evaluation)
+        report_unreadable()
         return Results(total_steps, evaluation, task.final_line(*evaluation.final()))

@@ -24,12 +24,35 @@ def mean_metrics(history: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without its rows past `step`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):   # a row torn by the kill
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class Reporter:
     """Writes what a run reports; the task's own words come from its `train_line` and
     `eval_line` (training.tasks.Task)."""
 
     def __init__(self, workdir: str, total_steps: int, steps_per_epoch: float, batch_size: int,
-                 task):
+                 task, resume_step: int = 0):
+        """resume_step: the step the run resumes from; what an earlier process logged after it
+        (it was killed before its next checkpoint) is dropped from metrics.jsonl and hidden from
+        TensorBoard (its purge_step), so every curve has one value per step."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.batch_size = batch_size
         self.task = task
@@ -37,9 +60,12 @@ class Reporter:
         self._jsonl = self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_rows_after(path, resume_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115
             from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                              purge_step=resume_step + 1 if resume_step else None)
         self._mark = None
 
     def print(self, *args) -> None:

@@ -9,6 +9,10 @@ import optax
 import nets
 import optim
 
+# The names config.optimizer.name and config.optimizer.schedule take.
+OPTIMIZERS = ("sgd", "sgd_agc", "rmsprop")
+SCHEDULES = ("cosine", "step", "exponential")
+
 
 def learning_rate(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: float,
                   total_steps: int):
@@ -29,7 +33,8 @@ def learning_rate(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epo
 def optimizer(cfg: ml_collections.ConfigDict, model: str, params, schedule, *, frozen=None
               ) -> optax.GradientTransformation:
     """`sgd`: coupled weight decay on `decay_roles`, then SGD with (Nesterov) momentum.
-    `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first).
+    `sgd_agc`: the NFNet optimizer (AGC on all but the classifier weight first; Nesterov
+    momentum as the paper where `nesterov`, which experiments/nfnet.py sets).
     `rmsprop`: coupled weight decay (the papers' L2 loss term), then TF1's RMSProp.
     `frozen` (a tree of bools like `params`, training.transfer.frozen_masks) zeroes the final
     updates of those leaves, weight decay included, so they stay bit-identical."""
@@ -52,7 +57,7 @@ def _optimizer(cfg, model, params, schedule):
         return optim.nfnet_optimizer(
             roles, schedule, stacked=nets.stacked_axes(model, params), clipping=cfg.agc_clipping,
             eps=cfg.agc_eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            decay_roles=decay_roles,
+            nesterov=cfg.nesterov, decay_roles=decay_roles,
             classifier_roles=nets.registry.CLASSIFIER_ROLES)
     decay = optax.masked(optax.add_decayed_weights(cfg.weight_decay),
                          jax.tree.map(lambda role: role in decay_roles, roles))
