@@ -22,6 +22,8 @@ iterator removes from the batch and adds to its running count.
 import dataclasses
 import functools
 import os
+import threading
+import time
 
 import grain
 import numpy as np
@@ -111,6 +113,21 @@ def worker_count(workers: int) -> int:
     return (os.cpu_count() or 1) if workers == -1 else workers
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each grain worker process: it exits once the process that started it is gone.
+    A trainer killed with SIGKILL runs no clean-up, and its workers (and multiprocessing's
+    resource tracker, which waits for them) would otherwise linger. Polling the parent's pid,
+    unlike PR_SET_PDEATHSIG, does not depend on which of the parent's threads started it."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def iterate(steps: grain.MapDataset, workers: int) -> grain.DatasetIterator:
     """Batches of `steps` in order, built in threads (workers=0) or worker processes, which
     scale with cores where threads contend for the GIL (bench/input_pipeline.py)."""
@@ -124,7 +141,8 @@ def iterate(steps: grain.MapDataset, workers: int) -> grain.DatasetIterator:
                                          prefetch_buffer_size=_THREADS_PER_WORKER)
         dataset = steps.to_iter_dataset(read_options)
         # Workers take whole steps round-robin and grain re-serialises them in order.
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                                      worker_init_fn=_exit_with_parent)
     else:
         threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1))
         dataset = steps.to_iter_dataset(grain.ReadOptions(

@@ -320,6 +320,49 @@ def test_an_unreadable_image_names_itself_or_is_skipped_and_counted(tmp_path):
         skipped.stdout)
 
 
+def descendants(pid: int) -> set[int]:
+    """The processes started by `pid`, and theirs, from /proc (Linux)."""
+    children = {}
+    for status in pathlib.Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:   # the process ended meanwhile
+            continue
+        children.setdefault(int(fields["PPid"]), set()).add(int(fields["Pid"]))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_worker_processes_die_with_a_killed_trainer(data_dir, tmp_path):
+    """Reproduces kill -9 of a trainer with grain worker processes: its workers and
+    multiprocessing's resource tracker used to stay alive (~215 MB each) for minutes."""
+    process = subprocess.Popen(train_command(tmp_path, data_dir, "--config.data.workers=2"),
+                               cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 1, process)
+    workers = descendants(process.pid)
+    assert len(workers) >= 2, workers
+    process.kill()
+    process.wait()
+
+    def running(pid):
+        try:   # a zombie has exited; only its parent's wait is missing
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while (alive := {p for p in workers if running(p)}) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"still running 30 s after the trainer was killed: {alive}"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
