@@ -53,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
     ))
 
     c.batch_size = 256              # global, over all devices and hosts
-    c.eval_batch_size = 250
+    c.eval_batch_size = 256          # a multiple of 1, 2, 4, ..., 256 devices (masked at the end)
     c.num_epochs = 90.0
     c.num_steps = 0                 # > 0 overrides num_epochs
     c.label_smoothing = 0.0

@@ -24,7 +24,7 @@ def get_config(arg=None):
         random_resized_crop=True, min_area=0.08, flip=True, workers=-1,
     ))
     c.batch_size = 256
-    c.eval_batch_size = 250
+    c.eval_batch_size = 256
     c.num_epochs = 300.0
     c.optimizer.update(dict(
         name="sgd", base_lr=0.045, lr_batch_base=256, momentum=0.9, nesterov=False,

@@ -30,7 +30,7 @@ def recipe(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
         workers=-1,                         # one decoding process per core
     ))
     c.batch_size = 256
-    c.eval_batch_size = 250
+    c.eval_batch_size = 256
     c.num_epochs = 90.0
     c.optimizer.update(dict(
         name="sgd", base_lr=0.1, lr_batch_base=256, momentum=0.9, nesterov=False,
