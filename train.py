@@ -69,7 +69,8 @@ def default_workdir(config_flag: str, argv: list[str]) -> str:
     path, _, arg = config_flag.partition(":")
     name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg.replace(',', '-')}"
                                                           if arg else "")
-    overrides = sorted(a for a in argv if a.startswith("--config."))
+    overrides = sorted(a + ("" if "=" in a or i + 1 == len(argv) else f"={argv[i + 1]}")
+                       for i, a in enumerate(argv) if a.startswith("--config."))
     if overrides:
         name += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     return os.path.join("runs", name)

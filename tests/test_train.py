@@ -290,6 +290,7 @@ def test_default_workdirs_name_the_overrides():
     a = workdir("--config.optimizer.base_lr=0.2", "--config.seed=1")
     assert a.startswith(plain + "-") and a != plain
     assert workdir("--config.seed=1", "--config.optimizer.base_lr=0.2") == a
+    assert workdir("--config.seed", "1", "--config.optimizer.base_lr=0.2") == a
     assert workdir("--config.optimizer.base_lr=0.3", "--config.seed=1") != a
 
 
