@@ -183,6 +183,37 @@ def test_sigterm_checkpoints_and_resume_is_exact(straight_run, data_dir, tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_sigterm_during_the_final_evaluation_stops_it_and_a_rerun_evaluates(
+        data_dir, tmp_path, monkeypatch):
+    """SIGTERM arriving while the last evaluation runs (here sent by the eval data itself, so
+    the timing is exact) ends the run as preempted without a result; the last step's checkpoint
+    is there, and running again evaluates it."""
+    from experiments import resnet18
+    from training import classification, loop
+
+    task = classification.TASK
+    batches_read = []
+
+    def eval_data(config, **kwargs):
+        for batch in task.eval_data(config, **kwargs):
+            batches_read.append(1)
+            if len(batches_read) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    config = resnet18.get_config("local")
+    config.update(dict(model="mobilenet_v1_025", num_steps=2, log_every=1, ema_decay=0.0))
+    config.model_kwargs = {}   # ResNet-18's options; a small MobileNet compiles fast
+    config.data.data_dir = str(data_dir)
+    monkeypatch.setattr(classification, "TASK", task._replace(eval_data=eval_data))
+    stopped = loop.run(config, str(tmp_path))
+    assert stopped.preempted and stopped.evaluation is None and stopped.step == 2
+    assert len(batches_read) == 1   # of 3: the loop stops at the next check
+    monkeypatch.setattr(classification, "TASK", task)
+    finished = loop.run(config, str(tmp_path))
+    assert not finished.preempted and finished.evaluation.params["top1"] >= 0
+
+
 def test_hard_kill_after_a_checkpoint_resumes_exactly(straight_run, data_dir, tmp_path):
     process = subprocess.Popen(train_command(tmp_path, data_dir), cwd=ROOT, env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

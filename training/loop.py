@@ -350,8 +350,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
         should_stop = _stop_check(mesh, preemption, config.log_every)
         eval_stop = lambda: distributed.any_process(preemption.requested)  # noqa: E731
 
-        def preempted(step: int, saved_step: int) -> Results:
+        def preempted(step: int, saved_step: int | None) -> Results:
             if saved_step != step:
+                _check_finite(previous, step, ckpt)
                 ckpt.save(step, state, train_data.get_state())
             ckpt.wait()
             report.print(f"SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; "
