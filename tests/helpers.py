@@ -4,6 +4,7 @@ import functools
 import json
 import pathlib
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,19 @@ def jitted_apply(name: str, num_classes: int = 1000, features: bool = False, **o
     else:
         f = nets.transformed(name, num_classes, **overrides)
     return jax.jit(f.apply, static_argnames="is_training")
+
+
+@functools.cache
+def jitted_logits_and_features(name: str, num_classes: int = 1000, **overrides):
+    """One compiled eval-mode apply giving (logits, stage maps) of one model: `__call__` and
+    `features` (`nets.transformed_features`'s maps) on the same module, whose shared stages XLA
+    computes once; `apply(params, state, rng, images) -> ((logits, maps), state)`."""
+
+    def forward(images):
+        model = nets.create(name, num_classes, **overrides)
+        return model(images, is_training=False), model.features(images, is_training=False)
+
+    return jax.jit(hk.transform_with_state(forward).apply)
 
 
 def random_images(batch=2, size=64, channels=3, seed=0):

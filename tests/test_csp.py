@@ -1,7 +1,6 @@
 """CSPNet (nets/csp.py): counts equal timm's, outputs equal timm's on converted weights (random
 init, BN randomised; eval and train mode), feature strides, option and input errors."""
 
-import functools
 
 import haiku as hk
 import jax
@@ -11,8 +10,8 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import (assert_registry_figures_are_the_tables,
-                           jitted_apply, random_images)
+from tests.helpers import (assert_registry_figures_are_the_tables, jitted_apply,
+                           jitted_logits_and_features, random_images)
 
 CSP = [n for n in nets.list_models() if nets.model_info(n).family == "csp"]
 SIZE = 64  # small, to keep compiles cheap; the last stage still sees a 2x2 map
@@ -28,18 +27,6 @@ def test_registry_figures_are_those_of_the_shared_reference_table(name, referenc
     info = nets.model_info(name)
     row = reference_counts[tuple(info.reference.split(":"))]
     assert info.train_size == info.test_size == row["input_res"] == 256
-
-
-@functools.cache
-def _logits_and_maps(name, **overrides):
-    """One compile for both outputs: the forward calls __call__ and features on one module, and
-    XLA merges the shared stages."""
-
-    def forward(images, is_training):
-        model = nets.create(name, **overrides)
-        return model(images, is_training), model.features(images, is_training)
-
-    return jax.jit(hk.transform_with_state(forward).apply, static_argnames="is_training")
 
 
 def _timm_model(name, **kwargs):
@@ -67,8 +54,8 @@ def _check_against_timm(name, model, **overrides):
     images = random_images(2, SIZE)
     ref_logits, ref_maps = _run_timm(model, images)
     params, state = nets.convert.from_torch(name, model.state_dict(), **overrides)
-    logits, maps = _logits_and_maps(name, **overrides)(params, state, None, images,
-                                                         is_training=False)[0]
+    (logits, maps), _ = jitted_logits_and_features(name, **overrides)(params, state, None,
+                                                                      images)
     assert np.abs(ref_logits).max() > 0.5  # a meaningful comparison, not of near-zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
     assert sorted(maps) == ["stage1", "stage2", "stage3", "stage4"]

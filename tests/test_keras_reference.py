@@ -11,14 +11,13 @@ program per weight shape; Keras forwards run jitted."""
 import contextlib
 import functools
 
-import haiku as hk
 import jax
 import numpy as np
 import pytest
 
 import nets
 from tests import reference
-from tests.helpers import count, jitted_apply, random_images
+from tests.helpers import count, jitted_apply, jitted_logits_and_features, random_images
 
 SIZE = 64
 
@@ -111,17 +110,6 @@ def _keras_model(constructor, size=SIZE, **kwargs):
     return _cached_keras_model(constructor, size, tuple(sorted(kwargs.items())))
 
 
-@functools.cache
-def _logits_and_maps(name, **overrides):
-    """One compiled eval-mode apply giving the logits and the stage maps."""
-    def forward(images):
-        model = nets.create(name, **overrides)
-        return (model(images, is_training=False),
-                model.features(images, is_training=False))
-
-    return jax.jit(hk.transform_with_state(forward).apply)
-
-
 def _keras_eval(model, images):
     """The Keras model's eval-mode outputs, in one compiled call."""
     return jax.tree.map(np.asarray, jax.jit(functools.partial(model, training=False))(images))
@@ -141,7 +129,7 @@ def test_logits_and_stage_maps_equal_keras(name):
     ref_logits, *ref_maps = _keras_outputs(model, stage_layers, images * scale)
 
     params, state = nets.convert.from_keras(name, model)
-    (logits, maps), _ = _logits_and_maps(name)(params, state, None, images)
+    (logits, maps), _ = jitted_logits_and_features(name)(params, state, None, images)
     assert np.abs(ref_logits).max() > 0.1
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
     for stage, ref_map, stride in zip(("stage2", "stage3", "stage4"), ref_maps, (8, 16, 32)):

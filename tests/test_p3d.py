@@ -13,7 +13,7 @@ import pytest
 import nets
 from nets import p3d
 from tests import reference
-from tests.helpers import count, jitted_apply, random_variables
+from tests.helpers import count, jitted_apply, jitted_logits_and_features, random_variables
 
 STAGES = {"p3d_resnet199": (3, 8, 36, 3), "p3d_resnet50": (3, 4, 6, 3)}
 # A cheap network whose six pseudo-3D blocks cross both 3-D stage boundaries.
@@ -384,40 +384,6 @@ def _reference_p3d(torch, stage_blocks, num_classes, definition):
     return P3D()
 
 
-@functools.cache
-def _logits_and_maps_apply(**overrides):
-    """One compiled eval apply giving the logits and what `features` (the stage maps of
-    `nets.transformed_features`) returned on the way."""
-
-    def forward(clip):
-        maps = {}
-
-        def record(next_fn, args, kwargs, context):
-            out = next_fn(*args, **kwargs)
-            if context.method_name == "features":
-                maps.update(out)
-            return out
-
-        with hk.intercept_methods(record):
-            logits = nets.create("p3d_resnet50", 10, **overrides)(clip, is_training=False)
-        return logits, maps
-
-    return jax.jit(hk.transform_with_state(forward).apply)
-
-
-def _he_normal_convs(torch, model, seed=0):
-    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
-    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
-    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
-    network would move the outputs by less than the tolerance."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.conv._ConvNd):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
-
-
 @pytest.mark.parametrize("definition,frames", [("pytorch", 16), ("caffe", 12)])
 def test_logits_and_stage_maps_equal_the_authors_definition(definition, frames):
     # 12 frames under Caffe go 6, 3, 2 (ceil: a clipped last window), 1; at 48 px the stem
@@ -425,7 +391,7 @@ def test_logits_and_stage_maps_equal_the_authors_definition(definition, frames):
     torch = reference.torch()
     torch.manual_seed(0)
     model = _reference_p3d(torch, SMALL["layers"], 10, definition)
-    _he_normal_convs(torch, model)
+    reference.he_normal_convs(model)
     reference.randomize_batchnorm(model)
     model.eval()
     overrides = dict(definition=definition, **SMALL)
@@ -434,7 +400,8 @@ def test_logits_and_stage_maps_equal_the_authors_definition(definition, frames):
     with torch.no_grad():
         ref_logits, ref_maps = model(torch.from_numpy(clip.transpose(0, 4, 1, 2, 3)))
     ref_logits = ref_logits.numpy()
-    (logits, maps), _ = _logits_and_maps_apply(**overrides)(params, state, None, clip)
+    (logits, maps), _ = jitted_logits_and_features("p3d_resnet50", 10, **overrides)(
+        params, state, None, clip)
     assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
     frames_per_stage = (6, 3, 2) if definition == "caffe" else (8, 4, 2)

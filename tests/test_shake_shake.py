@@ -11,7 +11,8 @@ import pytest
 import nets
 from nets import shake_shake as ss
 from tests import reference
-from tests.helpers import count, jitted_apply, random_images, random_variables
+from tests.helpers import (count, jitted_apply, jitted_logits_and_features, random_images,
+                           random_variables)
 
 # A cheap network with one block per stage (depth 6 * 1 + 2).
 SMALL = dict(depth=8)
@@ -290,45 +291,12 @@ def _variables_from_lua(model, blocks_per_stage):
     return params, state
 
 
-def _he_normal_convs(torch, model, seed=0):
-    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
-    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
-    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
-    network would move the outputs by less than the tolerance."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.conv._ConvNd):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
-
-
-def _eval_logits_and_stage_maps(name, num_classes, **overrides):
-    """One compiled eval apply giving the logits and the stage maps that `features` (that of
-    `nets.transformed_features`) returned on the way: a single compile for both."""
-
-    def forward(images):
-        maps = {}
-
-        def record(next_fn, args, kwargs, context):
-            out = next_fn(*args, **kwargs)
-            if context.method_name == "features":
-                maps.update(out)
-            return out
-
-        with hk.intercept_methods(record):
-            logits = nets.create(name, num_classes, **overrides)(images, is_training=False)
-        return logits, maps
-
-    return jax.jit(hk.transform_with_state(forward).apply)
-
-
 def test_eval_logits_and_stage_maps_equal_the_authors_lua_network():
     torch = reference.torch()
     torch.manual_seed(0)
     name, depth, k = "shake_shake_26_2x32d", SMALL["depth"], 2
     model = _lua_reference(torch, depth, k, 10)
-    _he_normal_convs(torch, model)
+    reference.he_normal_convs(model)
     reference.randomize_batchnorm(model)
     model.eval()
     params, state = _variables_from_lua(model, (depth - 2) // 6)
@@ -346,8 +314,8 @@ def test_eval_logits_and_stage_maps_equal_the_authors_lua_network():
     for hook in hooks:
         hook.remove()
 
-    (logits, ours), _ = _eval_logits_and_stage_maps(name, 10, **SMALL)(params, state, None,
-                                                                       images)
+    (logits, ours), _ = jitted_logits_and_features(name, 10, **SMALL)(params, state, None,
+                                                                      images)
     assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
     assert set(ours) == set(maps)

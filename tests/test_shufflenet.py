@@ -3,7 +3,6 @@ ShuffleNet V1 against the paper (parameters and complexity counted by hand from 
 against a restatement of the authors' PyTorch code (megvii-model/ShuffleNet-Series): logits and
 stage maps."""
 
-import functools
 
 import haiku as hk
 import jax
@@ -13,7 +12,7 @@ import pytest
 import nets
 from nets import layers, shufflenet
 from tests import reference
-from tests.helpers import jitted_apply, random_images
+from tests.helpers import jitted_apply, jitted_logits_and_features, random_images
 
 V2 = nets.list_models("shufflenet_v2_*")
 V1 = nets.list_models("shufflenet_v1_*")
@@ -348,19 +347,6 @@ def _authors_v1(torch, group, model_size, n_class=1000, input_size=224,
     return ShuffleNetV1()
 
 
-def _he_normal_convs(torch, model, seed=0):
-    """Conv weights drawn N(0, 2 / fan_in). Under eval-mode BN with O(1) running statistics,
-    torch's default init (std 1 / sqrt(3 fan_in)) lets the image's signal fade block by block
-    behind the BN offsets, so that the maps hardly vary with the input and a bug deep in the
-    network would move the outputs by less than the tolerance."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.conv._ConvNd):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
-
-
 # Two units per stage keep every kind of unit: stage 2's first (ungrouped 1x1), the other
 # stride-2 ones (average-pooled input concatenated) and stride-1 ones (residual).
 V1_SHALLOW = dict(stages_repeats=(2, 2, 2))
@@ -373,7 +359,7 @@ def test_v1_logits_and_stage_maps_equal_the_authors_code(name, group, model_size
     torch.manual_seed(0)
     model = _authors_v1(torch, group, model_size, n_class=10, input_size=SIZE,
                         stage_repeats=V1_SHALLOW["stages_repeats"])
-    _he_normal_convs(torch, model)
+    reference.he_normal_convs(model)
     reference.randomize_batchnorm(model)
     model.eval()
     # The authors' widths are ours: the registry's rule reproduces their table.
@@ -392,7 +378,8 @@ def test_v1_logits_and_stage_maps_equal_the_authors_code(name, group, model_size
     for hook in hooks:
         hook.remove()
     params, state = nets.convert.from_torch(name, model.state_dict(), 10, **V1_SHALLOW)
-    (logits, maps), _ = _v1_logits_and_stage_maps(name)(params, state, None, images)
+    (logits, maps), _ = jitted_logits_and_features(name, 10, **V1_SHALLOW)(
+        params, state, None, images)
     assert logits.shape == (2, 10) and np.abs(ref_logits).max() > 0.1
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
     assert set(maps) == set(ref_maps)
@@ -401,23 +388,3 @@ def test_v1_logits_and_stage_maps_equal_the_authors_code(name, group, model_size
         np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4 * np.abs(ref_map).max(),
                                    rtol=0, err_msg=stage)
 
-
-@functools.cache
-def _v1_logits_and_stage_maps(name):
-    """One compiled eval apply (10 classes, V1_SHALLOW) giving the logits and the stage maps that
-    `features` (that of `nets.transformed_features`) returned on the way."""
-
-    def forward(images):
-        maps = {}
-
-        def record(next_fn, args, kwargs, context):
-            out = next_fn(*args, **kwargs)
-            if context.method_name == "features":
-                maps.update(out)
-            return out
-
-        with hk.intercept_methods(record):
-            logits = nets.create(name, 10, **V1_SHALLOW)(images, is_training=False)
-        return logits, maps
-
-    return jax.jit(hk.transform_with_state(forward).apply)
