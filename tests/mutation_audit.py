@@ -2,7 +2,7 @@
 fail. Not part of the suite (it runs test files once per mutation); run it after changing the
 tests or the code a mutation names:
 
-    python -m tests.mutation_audit                 # every mutation (about 15 minutes here)
+    python -m tests.mutation_audit                 # every mutation (about 8 minutes here)
     python -m tests.mutation_audit --only nfnet    # names containing "nfnet"
 
 Prints one row per mutation: caught (with the first failing test), survived, or stale (the
