@@ -189,12 +189,15 @@ def check_num_classes(name: str, directory: str, configured: int) -> None:
     folder's labels are its classes' positions in sorted order, so the counts must be equal
     (a missing or extra directory would move labels); a TFDS dataset may have fewer classes
     than the head has outputs, not more."""
-    found = num_classes(name, directory)
-    if name == IMAGE_FOLDER and found != configured:
+    if name == IMAGE_FOLDER:
         classes = _class_names(pathlib.Path(directory))
-        shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
-        raise ValueError(
-            f"image folder {directory!r} has {found} classes ({shown}) but data.num_classes is "
-            f"{configured}; set --config.data.num_classes={found} or fix the class directories")
+        if len(classes) != configured:
+            shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
+            raise ValueError(
+                f"image folder {directory!r} has {len(classes)} classes ({shown}) but "
+                f"data.num_classes is {configured}; set --config.data.num_classes="
+                f"{len(classes)} or fix the class directories")
+        return
+    found = num_classes(name, directory)
     if found > configured:
         raise ValueError(f"{name} has {found} classes but data.num_classes is {configured}")

@@ -68,12 +68,12 @@ def _torchvision_v2(width="x1_0", train=False):
 
 
 def _run_torch(model, images, hooked=()):
-    """Logits and the NHWC outputs of the hooked submodules."""
+    """Logits and the NHWC outputs of the hooked submodules ((key, module) pairs)."""
     torch = reference.torch()
     maps = {}
-    hooks = [getattr(model, attr).register_forward_hook(
+    hooks = [module.register_forward_hook(
         lambda m, inp, out, key=key: maps.__setitem__(key, out.numpy().transpose(0, 2, 3, 1)))
-        for key, attr in hooked]
+        for key, module in hooked]
     with torch.no_grad():
         logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     for hook in hooks:
@@ -84,7 +84,8 @@ def _run_torch(model, images, hooked=()):
 def test_v2_logits_and_stage_maps_equal_torchvision():
     model = _torchvision_v2()
     images = random_images(2, SIZE)
-    stages = [("stage1", "maxpool")] + [(f"stage{i}", f"stage{i}") for i in (2, 3, 4)]
+    stages = [(f"stage{i}", getattr(model, f"stage{i}")) for i in (2, 3, 4)]
+    stages = [("stage1", model.maxpool), *stages]
     ref_logits, ref_maps = _run_torch(model, images, stages)
     params, state = nets.convert.from_torch("shufflenet_v2_x1_0", model.state_dict(), 1000)
     apply = jitted_apply("shufflenet_v2_x1_0")
@@ -369,14 +370,7 @@ def test_v1_logits_and_stage_maps_equal_the_authors_code(name, group, model_size
     ends = np.cumsum(model.stage_repeats) - 1
     stages = [("stage1", model.maxpool)] + [(f"stage{s + 2}", model.features[int(i)])
                                             for s, i in enumerate(ends)]
-    ref_maps = {}
-    hooks = [m.register_forward_hook(
-        lambda m, i, out, key=key: ref_maps.__setitem__(key, out.numpy().transpose(0, 2, 3, 1)))
-        for key, m in stages]
-    with torch.no_grad():
-        ref_logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    for hook in hooks:
-        hook.remove()
+    ref_logits, ref_maps = _run_torch(model, images, stages)
     params, state = nets.convert.from_torch(name, model.state_dict(), 10, **V1_SHALLOW)
     (logits, maps), _ = jitted_logits_and_features(name, 10, **V1_SHALLOW)(
         params, state, None, images)

@@ -44,15 +44,13 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
             for k, v in local_batch.items()}
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on any (e.g. one of them got SIGTERM)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
 def total_over_processes(count: int) -> int:
     """The sum of each process's `count`, on every process."""
     if jax.process_count() == 1:
         return count
     return int(np.sum(multihost_utils.process_allgather(np.asarray(count))))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (e.g. one of them got SIGTERM)."""
+    return total_over_processes(int(flag)) > 0

@@ -30,6 +30,7 @@ def _drop_rows_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
+
     def keep(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step
