@@ -7,7 +7,7 @@ from data.builtin import prepare_builtin
 from data.classification import (check_num_classes, eval_batches, eval_preprocessor,
                                  num_train_examples, train_iterator)
 from data.decode import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError
-from data.sources import DatasetNotFoundError, ImageFolderError
+from data.sources import DatasetNotFoundError, ImageFolderError, class_names, imagenet_classes
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -15,8 +15,10 @@ __all__ = [
     "ImageFolderError",
     "UnreadableImageError",
     "check_num_classes",
+    "class_names",
     "eval_batches",
     "eval_preprocessor",
+    "imagenet_classes",
     "num_train_examples",
     "prepare_builtin",
     "train_iterator",

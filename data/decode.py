@@ -106,6 +106,28 @@ def _to_rgb(opened: Image.Image) -> np.ndarray:
     return np.asarray(opened if opened.mode == "RGB" else opened.convert("RGB"))
 
 
+def conversion(image: bytes | np.ndarray,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """What `decode` converts to RGB, in words ("CMYK", "RGBA, transparency composited onto
+    white"), from the header alone; None for an RGB image."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+            return "grayscale"
+        if image.ndim == 3 and image.shape[-1] == 3:
+            return None
+        raise UnreadableImageError(f"a decoded image must be [H, W], [H, W, 1] or [H, W, 3] "
+                                   f"pixels, got shape {image.shape}")
+    with _open(image, max_pixels) as opened:
+        mode, transparent = opened.mode, "transparency" in opened.info
+    if mode in _SIXTEEN_BIT_MODES:
+        return f"16-bit grayscale ({mode}), scaled to 8 bits"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
+        return f"{mode}, transparency composited onto white"
+    if mode == "RGB":
+        return None
+    return {"L": "grayscale", "1": "black-and-white", "P": "palette"}.get(mode, mode)
+
+
 def image_size(image: bytes | np.ndarray,
                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(height, width), from the header alone for encoded images."""

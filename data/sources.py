@@ -174,6 +174,23 @@ def open_source(name: str, split: str, directory: str, *,
         raise _not_found(name, directory, f"it cannot be read as array_record: {error}") from None
 
 
+EVAL_SPLITS = ("validation", "val", "test")
+
+
+def default_eval_split(name: str, directory: str) -> str:
+    """The split a dataset is evaluated on: the first of `EVAL_SPLITS` it has."""
+    if name == IMAGE_FOLDER:
+        _class_names(pathlib.Path(directory))   # a missing folder is said here
+        splits = [d.name for d in _visible_dirs(pathlib.Path(directory))]
+    else:
+        splits = list(_builder(name, directory).info.splits)
+    for split in EVAL_SPLITS:
+        if split in splits:
+            return split
+    raise ValueError(f"{name} has no split named {' or '.join(EVAL_SPLITS)} (it has "
+                     f"{sorted(splits)}); name the one to evaluate")
+
+
 def num_examples(name: str, split: str, directory: str) -> int:
     return len(open_source(name, split, directory))
 
@@ -182,6 +199,27 @@ def num_classes(name: str, directory: str) -> int:
     if name == IMAGE_FOLDER:
         return len(_class_names(pathlib.Path(directory)))
     return _builder(name, directory).info.features["label"].num_classes
+
+
+# ImageNet-1k's classes in label order (the sorted WordNet ids), each "<wnid> <names>" as in
+# ILSVRC2012's LOC_synset_mapping.txt; the names are WordNet's lemmas.
+IMAGENET_CLASSES_FILE = pathlib.Path(__file__).with_name("imagenet_classes.txt")
+
+
+def imagenet_classes() -> dict[str, str]:
+    """{WordNet id: names} of ImageNet-1k's 1000 classes, in label order."""
+    lines = IMAGENET_CLASSES_FILE.read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines)
+
+
+def class_names(name: str, directory: str) -> list[str]:
+    """The dataset's class names in label order: an image folder's class directories, a TFDS
+    dataset's label names (WordNet ids, as ImageNet's TFDS labels are, become their names)."""
+    if name == IMAGE_FOLDER:
+        return _class_names(pathlib.Path(directory))
+    names = list(_builder(name, directory).info.features["label"].names)
+    wordnet = imagenet_classes()
+    return [wordnet.get(n, n) for n in names]
 
 
 def check_num_classes(name: str, directory: str, configured: int) -> None:

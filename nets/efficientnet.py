@@ -166,7 +166,8 @@ def _variant(k: int) -> ModelInfo:
         reference=f"keras:EfficientNetB{k}", reference_params=with_head,
         reference_params_no_head=no_head, reference_bn_stat_elems=bn_stats,
         train_size=size, test_size=size,
-        preprocessing=Preprocessing(crop_fraction=size / (size + 32), interpolation="bicubic"),
+        preprocessing=Preprocessing(crop_fraction=size / (size + 32), interpolation="bicubic",
+                                    eval_preprocess="crop_resize", image_ops="tf"),
         classifier="predictions", keras_name=keras_name, keras_builder=f"EfficientNetB{k}")
 
 

@@ -301,7 +301,8 @@ RAND_AUGMENT_MAGNITUDE = {0: 5, 1: 10, 2: 10, 3: 15, 4: 15, 5: 15, 6: 15, 7: 15}
 WIDTHS, WIDTHS_PLUS = (256, 512, 1536, 1536), (384, 768, 2048, 2048)
 PARAMS = {False: (71_489_284, 61_144_972), True: (118_824_516, 101_532_492)}  # F0, per k
 # §14: eval resizes the whole image to test_size + 32 (bicubic) and centre-crops test_size.
-_PREPROCESSING = {k: Preprocessing(crop_fraction=s[1] / (s[1] + 32), interpolation="bicubic")
+_PREPROCESSING = {k: Preprocessing(crop_fraction=s[1] / (s[1] + 32), interpolation="bicubic",
+                                   eval_preprocess="resize_crop_32", image_ops="tf")
                   for k, s in TRAIN_TEST_SIZE.items()}
 
 

@@ -20,17 +20,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """How images are prepared for this model: normalisation and the eval resize-and-crop.
+    """How images are prepared for this model: normalisation (on [0, 1] pixels) and the eval
+    resize-and-crop its reference was evaluated with.
 
-    Eval resizes the shorter side to test_size / crop_fraction and centre-crops test_size.
-    crop_fraction is None for a model evaluated on whole, uncropped images (e.g. a detector,
-    which resizes and pads instead).
+    `eval_preprocess` names the input pipeline's method (`data.augment.EVAL_PREPROCESSORS`):
+    "resize_shorter_crop" (torchvision: the shorter side to test_size / crop_fraction, centre
+    crop), "resize_crop_32" (NFNet: the whole image to test_size + 32, centre crop) or
+    "crop_resize" (TF's EfficientNet: a centre crop of test_size / (test_size + 32), resized);
+    `image_ops` whose resize ("torchvision": PIL's, "tf": TF's). crop_fraction is None for a
+    model evaluated on whole, uncropped images (e.g. a detector, which resizes and pads instead).
     """
 
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_fraction: float | None = 0.875
     interpolation: str = "bilinear"
+    eval_preprocess: str = "resize_shorter_crop"
+    image_ops: str = "torchvision"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,16 @@
 A file holds every leaf of `params` under "params/<Haiku module path>/<leaf>" and of `state`
 under "state/<module path>/<leaf>" (the module paths are the keys of the trees Haiku gives,
 "resnet/layer1_0/conv1"), floating leaves as float32. Its string metadata names the model, its
-num_classes and overrides (JSON), the preprocessing it is evaluated with, and the format version,
-so that a file alone says how to rebuild and feed its model. The tree a model expects comes from
+num_classes and overrides (JSON), how its images are prepared and the format version, so that a
+file alone says how to rebuild and feed its model. The tree a model expects comes from
 `nets.introspect.shapes` (jax.eval_shape: nothing is compiled or computed).
+
+Preprocessing in the metadata: "eval_preprocessing" is what evaluation and prediction use, as the
+input pipeline's fields (`EVAL_PREPROCESSING_FIELDS` of a config's `data`, pixels in [0, 255]):
+the run's own for weights from a training run, the reference's otherwise (and for files written
+before the key existed). "preprocessing" describes the variant's reference (the registry's
+`Preprocessing`, pixels in [0, 1], with its train and test sizes). "class_names", when present,
+names the head's outputs (e.g. a run's dataset classes).
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from nets.introspect import mismatch_report, num_classes_of, shapes
 FORMAT = "convnets.weights"
 FORMAT_VERSION = "1"
 _COLLECTIONS = ("params", "state")
+# The fields of a config's `data` section that say how evaluation prepares an image.
+EVAL_PREPROCESSING_FIELDS = ("eval_preprocess", "image_ops", "test_size", "crop_fraction",
+                             "interpolation", "mean", "std")
 
 
 class LoadResult(NamedTuple):
@@ -65,19 +75,39 @@ def _to_array(value) -> np.ndarray:
     return value.astype(np.float32)
 
 
+def reference_eval_preprocessing(model: str) -> dict[str, Any]:
+    """How the reference of `model` prepares an eval image, as the input pipeline's fields
+    (`EVAL_PREPROCESSING_FIELDS`, mean and std on [0, 255] pixels)."""
+    info = registry.model_info(model)
+    p = info.preprocessing
+    return {"eval_preprocess": p.eval_preprocess, "image_ops": p.image_ops,
+            "test_size": info.test_size, "crop_fraction": p.crop_fraction,
+            "interpolation": p.interpolation, "mean": [255 * m for m in p.mean],
+            "std": [255 * s for s in p.std]}
+
+
 def save(path, params, state, *, model: str, num_classes: int | None = None,
-         overrides: dict | None = None, metadata: dict[str, str] | None = None) -> None:
+         overrides: dict | None = None, metadata: dict[str, str] | None = None,
+         eval_preprocessing: dict | None = None, class_names=None) -> None:
     """Writes `params` and `state` of `model` (a registered name) to one .safetensors file.
 
     num_classes defaults to the head's width in `params` (0 without a head). `overrides` are the
     options the model was built with (as for `nets.transformed`); they must be JSON-serialisable.
-    `metadata` adds string entries (e.g. the recipe, the accuracy). The trees are checked against
-    the model first, so a file that `load` would refuse is never written.
+    `metadata` adds string entries (e.g. the recipe, the accuracy). `eval_preprocessing` (the
+    `EVAL_PREPROCESSING_FIELDS` of the run's data config) defaults to the reference's;
+    `class_names` (one per output) are optional. The trees are checked against the model first,
+    so a file that `load` would refuse is never written.
     """
     overrides = dict(overrides or {})
     info = registry.model_info(model)
     if num_classes is None:
         num_classes = num_classes_of(model, params, overrides)
+    eval_preprocessing = dict(eval_preprocessing or reference_eval_preprocessing(model))
+    if set(eval_preprocessing) != set(EVAL_PREPROCESSING_FIELDS):
+        raise ValueError(f"eval_preprocessing must have exactly the fields "
+                         f"{EVAL_PREPROCESSING_FIELDS}; got {sorted(eval_preprocessing)}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a head of {num_classes} outputs")
     check_against_model(model, num_classes, overrides,
                          {**flatten("params", params), **flatten("state", state)}, strict=True,
                          header=f"these trees are not {model}'s (num_classes={num_classes}, "
@@ -90,7 +120,10 @@ def save(path, params, state, *, model: str, num_classes: int | None = None,
         "preprocessing": json.dumps({**dataclasses.asdict(info.preprocessing),
                                      "train_size": info.train_size,
                                      "test_size": info.test_size}),
+        "eval_preprocessing": json.dumps(eval_preprocessing),
     })
+    if class_names is not None:
+        meta["class_names"] = json.dumps([str(name) for name in class_names])
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(_to_array(v))
@@ -107,9 +140,10 @@ def is_weights_file(path) -> bool:
 
 
 def read_metadata(path) -> dict[str, Any]:
-    """The file's metadata, decoded: model, num_classes (int), overrides and preprocessing
-    (dicts), format_version and any entries `save` was given. A .safetensors file that this
-    module did not write (e.g. a PyTorch state dict) is refused with the command that converts it.
+    """The file's metadata, decoded: model, num_classes (int), overrides, preprocessing and
+    eval_preprocessing (dicts), class_names (a list, or None), format_version and any entries
+    `save` was given. A .safetensors file that this module did not write (e.g. a PyTorch state
+    dict) is refused with the command that converts it.
     """
     from safetensors import safe_open
 
@@ -129,6 +163,10 @@ def read_metadata(path) -> dict[str, Any]:
     meta["num_classes"] = int(meta["num_classes"])
     meta["overrides"] = json.loads(meta["overrides"])
     meta["preprocessing"] = json.loads(meta["preprocessing"])
+    meta["eval_preprocessing"] = (json.loads(meta["eval_preprocessing"])
+                                  if "eval_preprocessing" in meta
+                                  else reference_eval_preprocessing(meta["model"]))
+    meta["class_names"] = json.loads(meta["class_names"]) if "class_names" in meta else None
     return meta
 
 

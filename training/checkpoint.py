@@ -166,6 +166,7 @@ class RunWeights(NamedTuple):
     params: dict
     state: dict
     directory: str
+    config: dict     # the run's config, as recorded (its `data` says how images were prepared)
 
 
 def _directory_and_step(path) -> tuple[str, int | None]:
@@ -216,4 +217,4 @@ def read_weights(path, *, step: int | None = None, ema: bool = False) -> RunWeig
                          "(the run's config had none); use ema=False.")
     return RunWeights(signature["model"], signature["num_classes"], signature["model_kwargs"],
                       step, train_state[prefix + "params"], train_state[prefix + "model_state"],
-                      directory)
+                      directory, json.loads(restored["meta"]["config"]))

@@ -65,9 +65,10 @@ def eval_data(config, *, process_index: int, process_count: int):
                              process_index=process_index, process_count=process_count)
 
 
-def eval_sums(model: hk.TransformedWithState):
+def eval_sums(model: hk.TransformedWithState, per_class: bool = False):
     """(params, model_state, batch) -> sums over the unmasked examples of the batch: top-1 and
-    top-5 correct, un-smoothed cross-entropy, count. Runs in float32."""
+    top-5 correct, un-smoothed cross-entropy, count; per_class=True adds per label the top-1
+    correct ("class_top1") and the examples ("class_count"). Runs in float32."""
 
     def sums(params, model_state, batch):
         logits, _ = model.apply(params, model_state, None, batch["images"], is_training=False)
@@ -76,20 +77,32 @@ def eval_sums(model: hk.TransformedWithState):
         k = min(5, logits.shape[-1])
         top_k = jax.lax.top_k(logits, k)[1]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "top1": jnp.sum((top_k[:, 0] == labels) * mask),
+        correct = (top_k[:, 0] == labels) * mask
+        out = {
+            "top1": jnp.sum(correct),
             "top5": jnp.sum(jnp.any(top_k == labels[:, None], -1) * mask),
             "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask),
         }
+        if per_class:
+            rows = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+            out["class_top1"] = correct @ rows
+            out["class_count"] = mask @ rows
+        return out
 
     return sums
 
 
 def summarize(total) -> dict:
+    """Means over the examples; with per-class sums also "per_class_top1" (a list over the
+    labels, None for a label without examples)."""
     count = float(total["count"])
-    return {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
-            "loss": float(total["loss"]) / count, "count": count}
+    result = {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
+              "loss": float(total["loss"]) / count, "count": count}
+    if "class_top1" in total:
+        result["per_class_top1"] = [float(c) / float(n) if n else None for c, n in
+                                    zip(total["class_top1"], total["class_count"])]
+    return result
 
 
 def train_line(means) -> str:

@@ -205,6 +205,26 @@ class Results(NamedTuple):
     preempted: bool = False
 
 
+def evaluate_variables(batches, eval_fn, variables: dict, mesh, stop=lambda: False,
+                       on_batch=None) -> dict | None:
+    """{name: the sums `eval_fn` gives, added over `batches` (host-local eval batches)} for
+    each {name: (params, model_state)}, fetched to the host; None when `stop()` (asked between
+    batches, the same on every process) says to stop. `on_batch(local_batch)` follows each
+    batch (e.g. a progress bar). The trainer's evaluation and tools.evaluate both run here."""
+    sums = {name: None for name in variables}
+    sharding = distributed.batch_sharded(mesh)
+    for local in batches:
+        if stop():
+            return None
+        batch = distributed.global_batch(local, sharding)
+        for name, (params, model_state) in variables.items():
+            out = eval_fn(params, model_state, batch)
+            sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
+        if on_batch is not None:
+            on_batch(local)
+    return jax.device_get(sums)
+
+
 def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh,
              stop=lambda: False) -> Evaluation | None:
     """The task's results over the whole eval split, for the params and (when kept) their
@@ -212,17 +232,11 @@ def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh,
     variants = {"params": (state.params, state.model_state)}
     if state.ema_params is not None:
         variants["ema"] = (state.ema_params, state.ema_model_state)
-    sums = {name: None for name in variants}
-    sharding = distributed.batch_sharded(mesh)
-    for local in task.eval_data(config, process_index=jax.process_index(),
-                                process_count=jax.process_count()):
-        if stop():
-            return None
-        batch = distributed.global_batch(local, sharding)
-        for name, (params, model_state) in variants.items():
-            out = eval_fn(params, model_state, batch)
-            sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
-    summed = jax.device_get(sums)
+    batches = task.eval_data(config, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    summed = evaluate_variables(batches, eval_fn, variants, mesh, stop)
+    if summed is None:
+        return None
     return Evaluation(task.summarize(summed["params"]),
                       task.summarize(summed["ema"]) if "ema" in summed else None)
 

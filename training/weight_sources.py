@@ -10,6 +10,7 @@
     source = weight_sources.read("runs/resnet50-local", ema=True)
     source = weight_sources.read("resnet50.pth", model="resnet50")
     source.model, source.num_classes, source.overrides, source.params, source.state
+    source.eval_preprocessing      # how evaluation prepares an image for these weights
 
 Nothing is unpickled. Transfer learning, distillation and the tools read weights here only.
 """
@@ -29,7 +30,13 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 class Source(NamedTuple):
-    """Weights as nested {module: {leaf: array}} trees, with the model they are for."""
+    """Weights as nested {module: {leaf: array}} trees, with the model they are for.
+
+    `eval_preprocessing`: the fields of a config's `data` that say how evaluation prepares an
+    image (`nets.weights.EVAL_PREPROCESSING_FIELDS`): a run's own, a weights file's recorded
+    ones, or the reference's; `preprocessing_from` says which. `class_names` are the head's
+    outputs' names where the file records them; `dataset` is a run's {"name", "data_dir"},
+    where its class names can be looked up."""
 
     model: str
     num_classes: int
@@ -37,6 +44,10 @@ class Source(NamedTuple):
     params: dict
     state: dict
     description: str
+    eval_preprocessing: dict | None = None
+    preprocessing_from: str = ""
+    class_names: tuple[str, ...] | None = None
+    dataset: dict | None = None
 
 
 def read_torch_state_dict(path) -> dict:
@@ -62,8 +73,10 @@ def _weights_file(path: str) -> Source:
     from safetensors.numpy import load_file
 
     params, state = nets.weights.unflatten(load_file(path))
+    names = meta["class_names"]
     return Source(meta["model"], meta["num_classes"], meta["overrides"], params, state,
-                  f"{meta['model']} weights {path}")
+                  f"{meta['model']} weights {path}", meta["eval_preprocessing"],
+                  f"the weights file {path}", tuple(names) if names else None)
 
 
 def read(path, *, model: str | None = None, num_classes: int | None = None,
@@ -76,10 +89,14 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
         run = checkpoint.read_weights(path, ema=ema)
         to_numpy = lambda tree: {m: {k: np.asarray(v) for k, v in leaves.items()}
                                  for m, leaves in tree.items()}
+        data_config = run.config["data"]
         return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
                       to_numpy(run.state),
                       f"{run.model} checkpoint at step {run.step}{' (EMA)' if ema else ''} in "
-                      f"{os.path.abspath(path)}")
+                      f"{os.path.abspath(path)}",
+                      {k: data_config[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS},
+                      f"the run's config (step {run.step} in {run.directory})", None,
+                      {"name": data_config["name"], "data_dir": data_config["data_dir"]})
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file or training workdir at {path}")
     if ema:
@@ -97,7 +114,9 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
                          "tools.convert --from torch SRC --model NAME --out OUT.safetensors")
     params, state = nets.convert.from_torch(model, read_torch_state_dict(path), num_classes)
     return Source(model, nets.introspect.num_classes_of(model, params), {}, params, state,
-                  f"{model} PyTorch state dict {path}")
+                  f"{model} PyTorch state dict {path}",
+                  nets.weights.reference_eval_preprocessing(model),
+                  f"the registry ({nets.model_info(model).reference}'s evaluation)")
 
 
 def variables(source: Source, model: str | None = None, num_classes: int | None = None,

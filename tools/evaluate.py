@@ -1,0 +1,281 @@
+"""Evaluate weights on a dataset with the preprocessing the weights travel with.
+
+    python -m tools.evaluate --weights runs/resnet18-local --data sklearn_digits [--ema]
+    python -m tools.evaluate --weights resnet50.safetensors --data imagenet2012 --data_dir DIR
+    python -m tools.evaluate --weights resnet50.pth --model resnet50 --data image_folder \\
+        --data_dir ROOT --split val --size 256 --crop_fraction 0.95
+
+--weights is anything `training.weight_sources.read` reads: a training workdir (its params, or
+its EMA with --ema), a `nets.weights` file (`tools.convert`'s output) or a PyTorch state dict of
+the reference (with --model). The eval preprocessing is the weights': a run's config, a weights
+file's metadata, the registry's reference preprocessing for a state dict; --size,
+--crop_fraction and --interpolation override it, and the printed header says which are in force.
+The data is any source the trainer reads (a TFDS name with --data_dir, `image_folder` with its
+root, the built-in `sklearn_digits`); every example of the split is counted once (the last
+batch is padded and masked), over all local devices, by the trainer's own evaluation
+(`training.loop.evaluate_variables` with the classification task's sums). Prints top-1, top-5,
+loss and images per second, and writes the results with per-class top-1 as JSON.
+
+    from tools.evaluate import evaluate
+    result = evaluate("runs/resnet18-local", "sklearn_digits", ema=True)
+    result["top1"], result["per_class_top1"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+import data
+import nets
+from data import sources
+from data.classification import Recipe, eval_batches
+from experiments import common
+from training import classification, distributed, loop, steps, weight_sources
+
+# What the flags may change of the weights' eval preprocessing: {option: data config field}.
+OVERRIDABLE = {"size": "test_size", "crop_fraction": "crop_fraction",
+               "interpolation": "interpolation"}
+DEFAULT_BATCH = 256
+
+
+class EvaluationError(ValueError):
+    """Weights, data or options that do not go together; the message is one line."""
+
+
+class Loaded(NamedTuple):
+    """Weights ready for inference: the transformed model, its variables and the eval data
+    config (`data` section) that prepares images for it."""
+
+    source: weight_sources.Source
+    model: Any           # hk.TransformedWithState
+    params: Any
+    state: Any
+    data: ml_collections.ConfigDict
+    overridden: dict[str, Any]   # {option (OVERRIDABLE): value} given by the caller
+
+
+def load(weights, *, model: str | None = None, ema: bool = False, **preprocessing) -> Loaded:
+    """The weights at `weights` with their eval preprocessing, `preprocessing` (size,
+    crop_fraction, interpolation) overriding it. `model`, if given, must be the weights' model
+    (and is needed for a PyTorch state dict)."""
+    try:
+        source = weight_sources.read(weights, model=model, ema=ema)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvaluationError(str(e)) from None
+    if model is not None and source.model != model:
+        raise EvaluationError(f"{weights} holds {source.model} weights, not {model}")
+    unknown = sorted(set(preprocessing) - set(OVERRIDABLE))
+    if unknown:
+        raise EvaluationError(f"unknown preprocessing option(s) {unknown}; choose from "
+                              f"{sorted(OVERRIDABLE)}")
+    overridden = {k: v for k, v in preprocessing.items() if v is not None}
+    cfg = common.base().data
+    cfg.update(source.eval_preprocessing)
+    cfg.update({OVERRIDABLE[k]: v for k, v in overridden.items()})
+    cfg.num_classes = source.num_classes
+    try:
+        Recipe.from_config(cfg)   # e.g. a non-bicubic TF resize
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    params, state = weight_sources.variables(source)
+    f = nets.transformed(source.model, num_classes=source.num_classes, **source.overrides)
+    return Loaded(source, f, params, state, cfg, overridden)
+
+
+def describe_preprocessing(loaded: Loaded) -> str:
+    """One line: the eval preprocessing in force, where it comes from and what was set."""
+    cfg, set_by = loaded.data, loaded.overridden
+    mark = lambda option: f" (set: {option})" if option in set_by else ""
+    method = cfg.eval_preprocess
+    crop = (f", crop fraction {cfg.crop_fraction:g}{mark('crop_fraction')}"
+            if method == "resize_shorter_crop" else "")
+    mean = ", ".join(f"{m:g}" for m in cfg.mean)
+    std = ", ".join(f"{s:g}" for s in cfg.std)
+    return (f"preprocessing from {loaded.source.preprocessing_from}: {method} to "
+            f"{cfg.test_size} px{mark('size')}{crop}, {cfg.interpolation}"
+            f"{mark('interpolation')} ({cfg.image_ops} ops), mean ({mean}), std ({std})")
+
+
+def class_names(source: weight_sources.Source, names_file: str | None = None) -> list[str]:
+    """Names of the head's outputs: from `names_file` (one per line), the weights file, the
+    run's dataset, ImageNet's for a 1000-class head, else "class <i>"."""
+    n = source.num_classes
+    if names_file:
+        try:
+            names = [line.strip() for line in
+                     pathlib.Path(names_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise EvaluationError(f"cannot read the names file: {e}") from None
+        if len(names) != n:
+            raise EvaluationError(f"{names_file} has {len(names)} names; the head has {n} "
+                                  "outputs")
+        return names
+    if source.class_names:
+        return list(source.class_names)
+    if source.dataset is not None:
+        try:
+            names = sources.class_names(source.dataset["name"],
+                                        sources.data_dir(source.dataset["data_dir"]))
+        except (FileNotFoundError, ValueError):   # the run's data is not on this machine
+            names = []
+        if len(names) == n:
+            return names
+    if n == 1000:
+        return list(sources.imagenet_classes().values())
+    return [f"class {i}" for i in range(n)]
+
+
+def _check_classes(loaded: Loaded) -> list[str]:
+    """The dataset's class names, whose count must be the head's."""
+    cfg = loaded.data
+    names = sources.class_names(cfg.name, sources.data_dir(cfg.data_dir))
+    if len(names) != loaded.source.num_classes:
+        raise EvaluationError(
+            f"{cfg.name} has {len(names)} classes, but the weights' head ({loaded.source.model})"
+            f" has {loaded.source.num_classes} outputs: evaluate weights trained for this "
+            "dataset's classes")
+    return names
+
+
+def evaluate(weights, data: str = "sklearn_digits", *, split: str | None = None,
+             data_dir: str = "", model: str | None = None, ema: bool = False,
+             batch_size: int | None = None, size: int | None = None,
+             crop_fraction: float | None = None, interpolation: str | None = None,
+             workers: int = 0, progress: bool = False, log=lambda line: None) -> dict:
+    """Top-1, top-5, loss and per-class top-1 of `weights` over a whole split of `data` (see
+    the module docstring). `log` receives the header lines. Returns a JSON-ready dict."""
+    loaded = load(weights, model=model, ema=ema, size=size, crop_fraction=crop_fraction,
+                  interpolation=interpolation)
+    cfg = loaded.data
+    cfg.name, cfg.data_dir, cfg.workers = data, data_dir, workers
+    try:
+        names = _check_classes(loaded)
+        cfg.eval_split = split or sources.default_eval_split(data, sources.data_dir(data_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(str(e)) from None
+    mesh = distributed.data_mesh()
+    batch_size = batch_size or math.ceil(DEFAULT_BATCH / mesh.size) * mesh.size
+    if batch_size <= 0 or batch_size % mesh.size:
+        raise EvaluationError(f"the batch size ({batch_size}) must be a positive multiple of "
+                              f"the {mesh.size} local devices")
+    try:
+        batches = eval_batches(cfg, global_batch=batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(str(e)) from None
+    total = batches.num_examples
+    log(f"evaluating the {loaded.source.description}")
+    log(f"on {data}:{cfg.eval_split} ({total} examples) in batches of {batch_size} over "
+        f"{mesh.size} {mesh.devices.flat[0].platform} device(s)")
+    log(describe_preprocessing(loaded))
+    eval_fn = steps.eval_step(classification.eval_sums(loaded.model, per_class=True), mesh)
+    timing = _Timing(total, progress)
+    try:
+        summed = loop.evaluate_variables(batches, eval_fn,
+                                         {"weights": (loaded.params, loaded.state)}, mesh,
+                                         on_batch=timing.batch_done)
+    finally:
+        timing.close()
+    result = classification.summarize(summed["weights"])
+    result["per_class_top1"] = dict(zip(names, result["per_class_top1"]))
+    return {"model": loaded.source.model, "weights": loaded.source.description,
+            "data": data, "split": cfg.eval_split, "batch_size": batch_size,
+            "preprocessing": {k: cfg[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS},
+            "preprocessing_from": loaded.source.preprocessing_from,
+            "overridden": loaded.overridden,
+            **result, "images_per_second": timing.images_per_second()}
+
+
+class _Timing:
+    """A progress bar, and images per second after the first batch (which compiles)."""
+
+    def __init__(self, total: int, progress: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.first_done, self.after_first = None, 0
+        self.start = time.perf_counter()
+
+    def batch_done(self, local: dict) -> None:
+        count = int(np.sum(local["mask"]))
+        self.bar.update(count)
+        if self.first_done is None:
+            self.first_done = time.perf_counter()
+        else:
+            self.after_first += count
+
+    def images_per_second(self) -> float:
+        end = time.perf_counter()
+        if self.after_first and end > self.first_done:
+            return self.after_first / (end - self.first_done)
+        return self.bar.n / (end - self.start)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def default_output(result: dict, ema: bool) -> str:
+    slug = lambda text: re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+    return (f"eval-{slug(result['model'])}-{slug(result['data'])}-{slug(result['split'])}"
+            f"{'-ema' if ema else ''}.json")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True,
+                        help="a training workdir, a nets.weights file or a PyTorch state dict")
+    parser.add_argument("--data", default="sklearn_digits",
+                        help="a TFDS name[:version], image_folder, or sklearn_digits (default)")
+    parser.add_argument("--data_dir", default="",
+                        help="the TFDS data dir (default $TFDS_DATA_DIR or "
+                             "~/tensorflow_datasets), or an image folder's root")
+    parser.add_argument("--split", default=None,
+                        help=f"default: the first of {', '.join(sources.EVAL_SPLITS)} it has")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"global batch (default {DEFAULT_BATCH}, rounded up to a multiple "
+                             "of the devices)")
+    parser.add_argument("--model", default=None,
+                        help="the weights' model: required for a PyTorch state dict, checked "
+                             "against the others")
+    parser.add_argument("--ema", action="store_true", help="a workdir's EMA weights")
+    parser.add_argument("--size", type=int, default=None, help="override the test size")
+    parser.add_argument("--crop_fraction", type=float, default=None,
+                        help="override the crop fraction (resize_shorter_crop)")
+    parser.add_argument("--interpolation", default=None, help="override the interpolation")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="decoding processes (0: threads; -1: one per core)")
+    parser.add_argument("--out", default=None,
+                        help="the JSON to write (default eval-<model>-<data>-<split>.json)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.weights, args.data, split=args.split, data_dir=args.data_dir,
+                          model=args.model, ema=args.ema, batch_size=args.batch,
+                          size=args.size, crop_fraction=args.crop_fraction,
+                          interpolation=args.interpolation, workers=args.workers,
+                          progress=True, log=print)
+    except (EvaluationError, data.UnreadableImageError) as e:
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+    print(f"top-1 {100 * result['top1']:.2f}% | top-5 {100 * result['top5']:.2f}% | loss "
+          f"{result['loss']:.4f} | {int(result['count'])} images | "
+          f"{result['images_per_second']:.1f} img/s")
+    out = args.out or default_output(result, args.ema)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {os.path.abspath(out)}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
