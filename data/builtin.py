@@ -15,6 +15,8 @@ from PIL import Image
 
 NAME = "sklearn_digits"
 VERSION_STRING = "1.0.0"
+# TFDS's names of ClassLabel(num_classes=10), known without preparing the dataset.
+CLASS_NAMES = tuple(str(digit) for digit in range(10))
 IMAGE_SIZE = 32
 # Every TEST_STRIDE-th image goes to "test": deterministic, and all classes land in both splits.
 TEST_STRIDE = 5

@@ -217,6 +217,8 @@ def class_names(name: str, directory: str) -> list[str]:
     dataset's label names (WordNet ids, as ImageNet's TFDS labels are, become their names)."""
     if name == IMAGE_FOLDER:
         return _class_names(pathlib.Path(directory))
+    if _base_name(name) == builtin.NAME:   # without preparing it
+        return list(builtin.CLASS_NAMES)
     names = list(_builder(name, directory).info.features["label"].names)
     wordnet = imagenet_classes()
     return [wordnet.get(n, n) for n in names]

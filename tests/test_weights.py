@@ -221,7 +221,12 @@ def test_training_checkpoints_export_their_params_or_ema(resnet18, tmp_path):
     params, state = _random_trees("resnet18", 10, seed=3)
     signature = {"model": "resnet18", "model_kwargs": {"stochastic_depth_rate": 0.1},
                  "num_classes": 10, "param_shapes": {}}
-    ckpt = Checkpoints(str(tmp_path / "run" / "checkpoints"), 2, signature, "{}")
+    from experiments import common
+
+    config = common.base()
+    config.data.update(dict(name="sklearn_digits", num_classes=10, test_size=48,
+                            crop_fraction=0.75))
+    ckpt = Checkpoints(str(tmp_path / "run" / "checkpoints"), 2, signature, config.to_json())
     train_state = TrainState(np.int32(7), np.zeros(2, np.uint32), params, state, (),
                              ema_params, ema_state)
     ckpt.save(7, train_state, {"position": 0})
@@ -239,5 +244,9 @@ def test_training_checkpoints_export_their_params_or_ema(resnet18, tmp_path):
     convert_tool.main(["--from", "checkpoint", str(tmp_path / "run"), "--ema",
                        "--out", str(tmp_path / "ema.safetensors")])
     _same_trees(weights.load(tmp_path / "ema.safetensors"), (ema_params, ema_state))
-    assert weights.read_metadata(tmp_path / "ema.safetensors")["overrides"] == {
-        "stochastic_depth_rate": 0.1}
+    meta = weights.read_metadata(tmp_path / "ema.safetensors")
+    assert meta["overrides"] == {"stochastic_depth_rate": 0.1}
+    # The run's eval preprocessing travels on, not the registry's (224 px, 0.875).
+    assert meta["eval_preprocessing"] == {k: config.data[k] if k not in ("mean", "std")
+                                          else list(config.data[k])
+                                          for k in weights.EVAL_PREPROCESSING_FIELDS}

@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
 
     overrides: dict = {}
     model = args.model
+    eval_preprocessing = class_names = None   # a reference's: the registry's preprocessing
     if args.source == "torch":
         source = weight_sources.read(args.src, model=model, num_classes=args.num_classes)
         params, state = source.params, source.state
@@ -95,9 +96,13 @@ def main(argv=None) -> dict:
             parser.error(f"{args.src} holds a {source.model} run, not {model}")
         model, overrides = source.model, source.overrides
         params, state = source.params, source.state
+        # The file evaluates as the run did, and names its classes where the data is here.
+        eval_preprocessing = source.eval_preprocessing
+        class_names = weight_sources.dataset_class_names(source)
 
     metadata = {"source": f"{args.source}:{os.path.basename(args.src)}"}
-    weights.save(args.out, params, state, model=model, overrides=overrides, metadata=metadata)
+    weights.save(args.out, params, state, model=model, overrides=overrides, metadata=metadata,
+                 eval_preprocessing=eval_preprocessing, class_names=class_names)
     meta = weights.read_metadata(args.out)
     summary = {"model": model, "num_classes": meta["num_classes"], "overrides": overrides,
                "tensors": sum(len(leaves) for tree in (params, state) for leaves in tree.values()),

@@ -24,6 +24,7 @@ loss and images per second, and writes the results with per-class top-1 as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -89,8 +90,21 @@ def load(weights, *, model: str | None = None, ema: bool = False, **preprocessin
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     params, state = weight_sources.variables(source)
-    f = nets.transformed(source.model, num_classes=source.num_classes, **source.overrides)
+    f = _transformed(source.model, source.num_classes, json.dumps(source.overrides,
+                                                                  sort_keys=True))
     return Loaded(source, f, params, state, cfg, overridden)
+
+
+# One transformed model (and so one jitted function per use) per variant, so that evaluating or
+# predicting again in a notebook or a test compiles nothing new for the same shapes.
+@functools.lru_cache(maxsize=16)
+def _transformed(model: str, num_classes: int, overrides_json: str):
+    return nets.transformed(model, num_classes=num_classes, **json.loads(overrides_json))
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model, mesh):
+    return steps.eval_step(classification.eval_sums(model, per_class=True), mesh)
 
 
 def describe_preprocessing(loaded: Loaded) -> str:
@@ -123,14 +137,9 @@ def class_names(source: weight_sources.Source, names_file: str | None = None) ->
         return names
     if source.class_names:
         return list(source.class_names)
-    if source.dataset is not None:
-        try:
-            names = sources.class_names(source.dataset["name"],
-                                        sources.data_dir(source.dataset["data_dir"]))
-        except (FileNotFoundError, ValueError):   # the run's data is not on this machine
-            names = []
-        if len(names) == n:
-            return names
+    names = weight_sources.dataset_class_names(source)
+    if names:
+        return names
     if n == 1000:
         return list(sources.imagenet_classes().values())
     return [f"class {i}" for i in range(n)]
@@ -178,7 +187,7 @@ def evaluate(weights, data: str = "sklearn_digits", *, split: str | None = None,
     log(f"on {data}:{cfg.eval_split} ({total} examples) in batches of {batch_size} over "
         f"{mesh.size} {mesh.devices.flat[0].platform} device(s)")
     log(describe_preprocessing(loaded))
-    eval_fn = steps.eval_step(classification.eval_sums(loaded.model, per_class=True), mesh)
+    eval_fn = _eval_fn(loaded.model, mesh)
     timing = _Timing(total, progress)
     try:
         summed = loop.evaluate_variables(batches, eval_fn,

@@ -19,12 +19,14 @@ once; a file that is not an image is reported on one line and the others are sti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import data
@@ -78,19 +80,25 @@ def predict_images(images, weights, *, top: int = 5, model: str | None = None,
             reason = " ".join(str(e).split())
             results.append(data.UnreadableImageError(
                 reason if reason.startswith(where) else f"{where}: {reason}"))
-    apply = jax.jit(lambda x: jax.nn.softmax(
-        loaded.model.apply(loaded.params, loaded.state, None, x, is_training=False)[0]))
+    apply = _probabilities(loaded.model)
     k = min(top, len(labels))
     for start in range(0, len(rows), MAX_BATCH):
         chunk = rows[start:start + MAX_BATCH]
         batch = np.zeros((min(len(rows), MAX_BATCH), *chunk[0][1].shape), np.float32)
         batch[:len(chunk)] = [pixels for _, pixels in chunk]   # padded: one compile
-        probabilities = np.asarray(apply(batch))
+        probabilities = np.asarray(apply(loaded.params, loaded.state, batch))
         for (index, _), p in zip(chunk, probabilities):
             best = np.argsort(-p, kind="stable")[:k]
             results[index] = results[index]._replace(
                 top=[(int(c), labels[c], float(p[c])) for c in best])
     return results
+
+
+@functools.lru_cache(maxsize=16)
+def _probabilities(model):
+    """(params, state, images) -> softmax probabilities, jitted once per model."""
+    return jax.jit(lambda params, state, images: jax.nn.softmax(
+        model.apply(params, state, None, images, is_training=False)[0].astype(jnp.float32)))
 
 
 def predict(images, weights, *, top: int = 5, **options) -> list[list[tuple[str, float]]]:

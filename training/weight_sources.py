@@ -27,6 +27,7 @@ import nets
 from training import checkpoint
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_REGISTRY = "the registry ({reference}'s evaluation)"
 
 
 class Source(NamedTuple):
@@ -89,11 +90,17 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
         run = checkpoint.read_weights(path, ema=ema)
         to_numpy = lambda tree: {m: {k: np.asarray(v) for k, v in leaves.items()}
                                  for m, leaves in tree.items()}
-        data_config = run.config["data"]
+        description = (f"{run.model} checkpoint at step {run.step}{' (EMA)' if ema else ''} "
+                       f"in {os.path.abspath(path)}")
+        data_config = run.config.get("data", {})
+        if not all(k in data_config for k in nets.weights.EVAL_PREPROCESSING_FIELDS):
+            # A checkpoint written without the trainer's config: the reference's preprocessing.
+            return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
+                          to_numpy(run.state), description,
+                          nets.weights.reference_eval_preprocessing(run.model),
+                          _REGISTRY.format(reference=nets.model_info(run.model).reference))
         return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
-                      to_numpy(run.state),
-                      f"{run.model} checkpoint at step {run.step}{' (EMA)' if ema else ''} in "
-                      f"{os.path.abspath(path)}",
+                      to_numpy(run.state), description,
                       {k: data_config[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS},
                       f"the run's config (step {run.step} in {run.directory})", None,
                       {"name": data_config["name"], "data_dir": data_config["data_dir"]})
@@ -116,7 +123,21 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
     return Source(model, nets.introspect.num_classes_of(model, params), {}, params, state,
                   f"{model} PyTorch state dict {path}",
                   nets.weights.reference_eval_preprocessing(model),
-                  f"the registry ({nets.model_info(model).reference}'s evaluation)")
+                  _REGISTRY.format(reference=nets.model_info(model).reference))
+
+
+def dataset_class_names(source: Source) -> list[str] | None:
+    """The class names of a run's dataset, when it is readable here and they fit the head."""
+    if source.dataset is None:
+        return None
+    from data import sources
+
+    try:
+        names = sources.class_names(source.dataset["name"],
+                                    sources.data_dir(source.dataset["data_dir"]))
+    except (FileNotFoundError, ValueError):   # the run's data is not on this machine
+        return None
+    return names if len(names) == source.num_classes else None
 
 
 def variables(source: Source, model: str | None = None, num_classes: int | None = None,
