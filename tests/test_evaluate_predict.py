@@ -3,6 +3,8 @@ its workdir and through a converted file; predictions are evaluation's; bad inpu
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +208,47 @@ def test_weights_of_another_model_and_a_mismatched_dataset_are_one_line(run, dat
     err = _one_line_error(predict.main, ["x.png", "--weights", str(workdir), "--names",
                                          str(names)], capsys)
     assert "has 2 names; the head has 10 outputs" in err
+
+
+def test_the_command_runs_over_all_local_devices(run, data_dir, tmp_path):
+    """`python -m tools.evaluate` over 4 (fake CPU) devices: the batch is sharded, the numbers
+    are the trainer's, and the JSON holds them."""
+    from tests.test_train import ROOT, environment
+
+    workdir, logged = run
+    env = environment(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = tmp_path / "result.json"
+    command = [sys.executable, "-m", "tools.evaluate", "--weights", str(workdir), "--ema",
+               "--data_dir", data_dir, "--out", str(out)]
+    result = subprocess.run([*command, "--batch", "12"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in batches of 12 over 4 cpu device(s)" in result.stdout
+    assert f"top-1 {100 * logged['eval_ema/top1']:.2f}%" in result.stdout
+    saved = json.loads(out.read_text())
+    assert saved["top1"] == logged["eval_ema/top1"] and saved["count"] == 360
+    assert len(saved["per_class_top1"]) == 10
+    refused = subprocess.run([*command, "--batch", "6"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "batch size (6) must be a positive multiple of the 4 local devices" in refused.stderr
+
+
+def test_class_names_come_from_the_names_file_the_weights_the_runs_data_or_imagenet(tmp_path):
+    from training.weight_sources import Source
+
+    for name in ("cat", "dog"):
+        (tmp_path / "folder" / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / name / "x.png")
+    run = Source("resnet18", 2, {}, {}, {}, "a run",
+                 dataset={"name": "image_folder", "data_dir": str(tmp_path / "folder")})
+    assert evaluate.class_names(run) == ["cat", "dog"]   # the image folder's directories
+    assert evaluate.class_names(run._replace(class_names=("a", "b"))) == ["a", "b"]
+    names = tmp_path / "names.txt"
+    names.write_text("first\n\nsecond\n")
+    assert evaluate.class_names(run, str(names)) == ["first", "second"]
+    moved = run._replace(dataset={"name": "image_folder", "data_dir": str(tmp_path / "gone")})
+    assert evaluate.class_names(moved) == ["class 0", "class 1"]
+    imagenet = Source("resnet18", 1000, {}, {}, {}, "a reference file")
+    assert evaluate.class_names(imagenet)[:2] == ["tench, Tinca tinca",
+                                                   "goldfish, Carassius auratus"]
