@@ -25,6 +25,22 @@ def timm():
     return pytest.importorskip("timm")
 
 
+def effdet():
+    """effdet (EfficientDet in PyTorch, the runnable port of the official model): imported
+    with torchvision's fake-op registrations skipped (see `torchvision`) and its import-time
+    `torch.jit.script` calls left as plain functions (TorchScript cannot compile them next to
+    the CUDA torchvision). Build models with `pretrained=False, pretrained_backbone=False`:
+    anything else downloads."""
+    torch_ = torch()
+    torchvision()
+    script = torch_.jit.script
+    torch_.jit.script = lambda fn=None, *args, **kwargs: fn
+    try:
+        return pytest.importorskip("effdet")
+    finally:
+        torch_.jit.script = script
+
+
 def keras():
     """keras.applications on the JAX backend (tests/conftest.py sets KERAS_BACKEND)."""
     keras_ = pytest.importorskip("keras")
