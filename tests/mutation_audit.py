@@ -95,6 +95,14 @@ MUTATIONS = (
         ("targets = optax.smooth_labels(targets, label_smoothing)",
          "targets = targets * (1 - label_smoothing) + label_smoothing / (targets.shape[-1] - 1)"),),
         ("tests/test_train.py", "-k", "smooth")),
+    Mutation("evaluate: the registry's preprocessing, not the weights'", "tools/evaluate.py", (
+        ("    cfg.update(source.eval_preprocessing)\n",
+         "    cfg.update(nets.weights.reference_eval_preprocessing(source.model))\n"),),
+        ("tests/test_evaluate_predict.py",)),
+    Mutation("predict: the registry's crop fraction, not the weights'", "tools/predict.py", (
+        ("    prepare = data.eval_preprocessor(loaded.data)",
+         "    loaded.data.crop_fraction = 0.875; prepare = data.eval_preprocessor(loaded.data)"),),
+        ("tests/test_evaluate_predict.py", "-k", "predictions_are")),
 )
 
 

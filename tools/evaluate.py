@@ -18,7 +18,7 @@ loss and images per second, and writes the results with per-class top-1 as JSON.
 
     from tools.evaluate import evaluate
     result = evaluate("runs/resnet18-local", "sklearn_digits", ema=True)
-    result["top1"], result["per_class_top1"]
+    result["top1"], result["per_class"]     # [{"class", "name", "top1", "count"}, ...]
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def load(weights, *, model: str | None = None, ema: bool = False, **preprocessin
         raise EvaluationError(str(e)) from None
     if model is not None and source.model != model:
         raise EvaluationError(f"{weights} holds {source.model} weights, not {model}")
+    task = nets.model_info(source.model).task
+    if task != "classification":
+        raise EvaluationError(f"{source.model} is a {task} model; this tool evaluates and "
+                              "predicts with classifiers")
     unknown = sorted(set(preprocessing) - set(OVERRIDABLE))
     if unknown:
         raise EvaluationError(f"unknown preprocessing option(s) {unknown}; choose from "
@@ -196,7 +200,12 @@ def evaluate(weights, data: str = "sklearn_digits", *, split: str | None = None,
     finally:
         timing.close()
     result = classification.summarize(summed["weights"])
-    result["per_class_top1"] = dict(zip(names, result["per_class_top1"]))
+    result["count"] = int(result["count"])
+    # A list, not a dict by name: ImageNet has two classes named "crane" and two "maillot".
+    result["per_class"] = [{"class": i, "name": name, "top1": top1, "count": count}
+                           for i, (name, top1, count) in enumerate(zip(
+                               names, result.pop("per_class_top1"),
+                               result.pop("per_class_count")))]
     return {"model": loaded.source.model, "weights": loaded.source.description,
             "data": data, "split": cfg.eval_split, "batch_size": batch_size,
             "preprocessing": {k: cfg[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS},

@@ -95,13 +95,14 @@ def eval_sums(model: hk.TransformedWithState, per_class: bool = False):
 
 def summarize(total) -> dict:
     """Means over the examples; with per-class sums also "per_class_top1" (a list over the
-    labels, None for a label without examples)."""
+    labels, None for a label without examples) and "per_class_count"."""
     count = float(total["count"])
     result = {"top1": float(total["top1"]) / count, "top5": float(total["top5"]) / count,
               "loss": float(total["loss"]) / count, "count": count}
     if "class_top1" in total:
         result["per_class_top1"] = [float(c) / float(n) if n else None for c, n in
                                     zip(total["class_top1"], total["class_count"])]
+        result["per_class_count"] = [int(n) for n in total["class_count"]]
     return result
 
 
