@@ -130,6 +130,27 @@ def eval_preprocessor(cfg):
     return functools.partial(eval_image, recipe=Recipe.from_config(cfg))
 
 
+# A data config's train-only fields, neutral: what an evaluation-only config (`eval_config`)
+# gives `Recipe`, which describes both.
+_NO_TRAINING = dict(train_split="", train_size=0, random_resized_crop=False, min_area=1.0,
+                    flip=False, mixup_alpha=0.0, cutmix=False, randaugment_layers=0,
+                    randaugment_magnitude=0.0, augment_before_mix=False)
+
+
+def eval_config(preprocessing: dict, num_classes: int, *, name: str = "", data_dir: str = "",
+                split: str = "", workers: int = 0,
+                max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS):
+    """A data config (a config's `data` section) that evaluates only: `preprocessing` holds the
+    eval fields (eval_preprocess, image_ops, test_size, crop_fraction, interpolation, mean,
+    std), e.g. the ones a weights file records; `eval_batches` and `eval_preprocessor` read it."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        _NO_TRAINING, **preprocessing, name=name, data_dir=data_dir, eval_split=split,
+        num_classes=num_classes, workers=workers, skip_unreadable=False,
+        max_image_pixels=max_image_pixels))
+
+
 def _unreadable(error: UnreadableImageError, where: str, source, index: int, *,
                 train: bool) -> UnreadableImageError:
     """The decoding error with the example named, as one line."""

@@ -23,10 +23,10 @@ from __future__ import annotations
 from nets import convert, fusion, introspect, layers, records, registry, weights
 from nets.records import ModelInfo, Preprocessing
 from nets.registry import (ROLES, LEAF_ROLES, check_overrides, create, declare_leaf_role,
-                           head_module, list_models, model_info, param_roles, stacked_axes,
-                           transformed, transformed_features)
+                           default_num_classes, head_module, list_models, model_info,
+                           param_roles, stacked_axes, transformed, transformed_features)
 
 __all__ = ["LEAF_ROLES", "ModelInfo", "Preprocessing", "ROLES", "check_overrides", "convert",
-           "create", "declare_leaf_role", "fusion", "head_module", "introspect", "layers",
-           "list_models", "model_info", "param_roles", "records", "registry", "stacked_axes",
-           "transformed", "transformed_features", "weights"]
+           "create", "declare_leaf_role", "default_num_classes", "fusion", "head_module",
+           "introspect", "layers", "list_models", "model_info", "param_roles", "records",
+           "registry", "stacked_axes", "transformed", "transformed_features", "weights"]

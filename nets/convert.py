@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import registry
-from nets.introspect import mismatch_report, shapes
+from nets.introspect import mismatch_report, outputs_per_class, shapes
 from nets.registry import module_path
 
 # Our leaf names -> PyTorch's parameter and buffer names.
 _TORCH_LEAF = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias",
                "mean": "running_mean", "var": "running_var", "gain": "gain", "bias": "bias",
-               "skip_gain": "skipinit_gain"}
+               "skip_gain": "skipinit_gain", "fusion_weights": "edge_weights"}
 _TORCH_IGNORED = ("num_batches_tracked",)
 
 
@@ -68,7 +68,8 @@ def _infer_num_classes(name, tensors, key_fn, classes_axis, overrides) -> int:
         return 0
     key = key_fn(module, "w")
     weight = tensors.get(key if isinstance(key, str) else key[0])
-    return 0 if weight is None else int(weight.shape[classes_axis])
+    return 0 if weight is None else int(weight.shape[classes_axis]) // outputs_per_class(
+        name, overrides)
 
 
 def _convert(name, tensors, key_fn, layout_fn, num_classes, overrides, what):

@@ -17,7 +17,9 @@ fused and unfused outputs.) For a pair, with s = gamma / sqrt(running_var + eps)
 b = 0 for a conv without bias. A BatchNorm with no conv right before it (DenseNet's
 pre-activation norms, which follow a concatenation; Shake-Shake's shortcut norm) cannot be
 folded into a conv; it becomes the affine x * s + (beta - running_mean * s) under its own name,
-so the fused model keeps no BatchNorm statistics at all.
+so the fused model keeps no BatchNorm statistics at all; so does a BatchNorm whose conv also
+feeds other BatchNorms (EfficientDet's heads share a conv across levels, each level with its
+own BatchNorm).
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ class Plan:
 _PLANS: dict[str, Plan] = {}
 
 
-def plan(name: str, num_classes: int = 1000, **overrides) -> Plan:
+def plan(name: str, num_classes: int | None = None, **overrides) -> Plan:
     """The variant's `Plan`, from one abstract trace of its eval-mode forward (cached)."""
+    if num_classes is None:
+        num_classes = registry.default_num_classes(name)
     key = json.dumps([name, num_classes, overrides], sort_keys=True, default=repr)
     if key in _PLANS:
         return _PLANS[key]
@@ -90,8 +94,10 @@ def plan(name: str, num_classes: int = 1000, **overrides) -> Plan:
 
     images = introspect.example_images(name, 1, 64, **overrides)
     jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0), images)
-    if len(set(folded.values())) != len(folded):
-        raise RuntimeError(f"{name}: a conv feeds two BatchNorms; it cannot be fused")
+    # A conv shared by several BatchNorms (a detector head's conv, applied to every level
+    # with a BatchNorm per level) cannot take any one of them: they stay affines.
+    shared = {c for c in folded.values() if list(folded.values()).count(c) > 1}
+    folded = {bn: conv for bn, conv in folded.items() if conv not in shared}
     _PLANS[key] = Plan(folded, eps)
     return _PLANS[key]
 

@@ -29,7 +29,7 @@ def example_images(name: str, batch: int = 1, size: int | None = None, **overrid
     return jax.ShapeDtypeStruct((batch, *frames, size, size, channels), jnp.float32)
 
 
-def shapes(name: str, num_classes: int = 1000, **overrides):
+def shapes(name: str, num_classes: int | None = None, **overrides):
     """(params, state) of the variant as trees of ShapeDtypeStructs, without computing.
     `fused=True` (among the overrides): those of its inference form (`nets.fusion`)."""
     f = registry.transformed(name, num_classes, **overrides)
@@ -37,17 +37,25 @@ def shapes(name: str, num_classes: int = 1000, **overrides):
     return jax.eval_shape(init, jax.random.key(0), example_images(name, **overrides))
 
 
-def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
+def count_params(name: str, num_classes: int | None = None, **overrides) -> int:
     """Trainable parameters of the variant, counted without computing anything."""
     params, _ = shapes(name, num_classes, **overrides)
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
+def outputs_per_class(name: str, overrides=None) -> int:
+    """How many head outputs each class has: 1, or a detector's anchors per location (its
+    class head predicts num_anchors x num_classes channels)."""
+    info = registry.model_info(name)
+    return int({**info.config, **(overrides or {})}.get("num_anchors", 1))
+
+
 def num_classes_of(name: str, params, overrides=None) -> int:
-    """The width of the head in `params` (0 without one)."""
+    """The number of classes of the head in `params` (0 without one)."""
     head = registry.head_module(name, **(overrides or {}))
     weight = params.get(head, {}).get("w") if head is not None else None
-    return 0 if weight is None else int(np.shape(weight)[-1])
+    return 0 if weight is None else int(np.shape(weight)[-1]) // outputs_per_class(name,
+                                                                                   overrides)
 
 
 def mismatch_report(header: str, *, missing=(), mismatched=(), unexpected=()) -> str:

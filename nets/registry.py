@@ -20,12 +20,12 @@ import re
 
 import haiku as hk
 
-from nets import (csp, densenet, efficientnet, layers, mobilenet, nfnet, p3d, resnet_family,
-                  shake_shake, shufflenet)
+from nets import (csp, densenet, efficientdet, efficientnet, layers, mobilenet, nfnet, p3d,
+                  resnet_family, shake_shake, shufflenet)
 from nets.records import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocessing, module_path
 
 _FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet, densenet, csp, p3d,
-             shake_shake)
+             shake_shake, efficientdet)
 _MODELS: dict[str, ModelInfo] = {}
 for _family in _FAMILIES:
     for _info in _family.VARIANTS:
@@ -59,11 +59,20 @@ def check_overrides(info: ModelInfo, overrides: dict) -> None:
                             f"{', '.join(accepted)}.")
 
 
-def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
-    """Builds the variant's module (call inside a Haiku transform). `overrides` replace entries
-    of the variant's configuration (e.g. stochastic_depth_rate=0.1)."""
+def default_num_classes(name: str) -> int:
+    """The head's classes when none are asked for: ImageNet's 1000, or what the variant's
+    task says (a COCO detector's 90)."""
+    return int(model_info(name).task_metadata.get("num_classes", 1000))
+
+
+def create(name: str, num_classes: int | None = None, **overrides) -> hk.Module:
+    """Builds the variant's module (call inside a Haiku transform). num_classes defaults to
+    `default_num_classes`; `overrides` replace entries of the variant's configuration (e.g.
+    stochastic_depth_rate=0.1)."""
     info = model_info(name)
     check_overrides(info, overrides)
+    if num_classes is None:
+        num_classes = default_num_classes(name)
     return info.builder(**{**info.config, "num_classes": num_classes, **overrides})
 
 
@@ -73,12 +82,14 @@ def _fusion_of(name: str, num_classes: int, overrides: dict) -> layers.Fusion:
     return fusion.plan(name, num_classes, **overrides).fusion
 
 
-def transformed(name: str, num_classes: int = 1000, *, fused: bool = False,
+def transformed(name: str, num_classes: int | None = None, *, fused: bool = False,
                 **overrides) -> hk.TransformedWithState:
     """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits.
     fused=True: the inference form with every BatchNorm folded into its conv, for the
     parameters `nets.fusion.fuse` returns (eval mode only)."""
     check_overrides(model_info(name), overrides)
+    if num_classes is None:
+        num_classes = default_num_classes(name)
     fusing = _fusion_of(name, num_classes, overrides) if fused else None
 
     def forward(images, is_training: bool):
@@ -138,7 +149,8 @@ _CLASSIFIER_ROLES = {WEIGHT: CLASSIFIER_WEIGHT, BIAS: CLASSIFIER_BIAS}
 # The role of each leaf name our layers give their parameters. A layer that introduces a new
 # leaf name declares its role here (code outside this package: `declare_leaf_role`).
 LEAF_ROLES: dict[str, str] = {"w": WEIGHT, "b": BIAS, "gain": GAIN, "bias": BIAS,
-                              "scale": GAIN, "offset": BIAS, "skip_gain": SKIP_GAIN}
+                              "scale": GAIN, "offset": BIAS, "skip_gain": SKIP_GAIN,
+                              "fusion_weights": GAIN}  # BiFPN's: not weight-decayed officially
 
 
 def declare_leaf_role(leaf: str, role: str) -> None:

@@ -70,7 +70,7 @@ def random_values(shapes, seed=1):
         leaf = path[-1].key
         if leaf == "w":
             return rng.randn(*s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        if leaf in ("scale", "var"):
+        if leaf in ("scale", "var", "fusion_weights"):  # fusion: ReLU'd, so kept positive
             return rng.rand(*s.shape) * 0.5 + 0.5
         return rng.randn(*s.shape) * 0.2  # offsets, biases, running means
 

@@ -96,8 +96,8 @@ MUTATIONS = (
          "targets = targets * (1 - label_smoothing) + label_smoothing / (targets.shape[-1] - 1)"),),
         ("tests/test_train.py", "-k", "smooth")),
     Mutation("evaluate: the registry's preprocessing, not the weights'", "tools/evaluate.py", (
-        ("    cfg.update(source.eval_preprocessing)\n",
-         "    cfg.update(nets.weights.reference_eval_preprocessing(source.model))\n"),),
+        ("    cfg = eval_config({**source.eval_preprocessing,",
+         "    cfg = eval_config({**nets.weights.reference_eval_preprocessing(source.model),"),),
         ("tests/test_evaluate_predict.py",)),
     Mutation("predict: the registry's crop fraction, not the weights'", "tools/predict.py", (
         ("    prepare = data.eval_preprocessor(loaded.data)",

@@ -212,27 +212,27 @@ def test_weights_of_another_model_and_a_mismatched_dataset_are_one_line(run, dat
 
 
 def test_the_command_runs_over_all_local_devices(run, data_dir, tmp_path):
-    """`python -m tools.evaluate` over 4 (fake CPU) devices: the batch is sharded, the numbers
+    """`python -m tools.evaluate` over 2 (fake CPU) devices: the batch is sharded, the numbers
     are the trainer's, and the JSON holds them."""
     from tests.test_train import ROOT, environment
 
     workdir, logged = run
-    env = environment(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = environment(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "tools.evaluate", "--weights", str(workdir), "--ema",
                "--data_dir", data_dir, "--out", str(out)]
-    result = subprocess.run([*command, "--batch", "12"], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([*command, "--batch", "6"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "in batches of 12 over 4 cpu device(s)" in result.stdout
+    assert "in batches of 6 over 2 cpu device(s)" in result.stdout
     assert f"top-1 {100 * logged['eval_ema/top1']:.2f}%" in result.stdout
     saved = json.loads(out.read_text())
     assert saved["top1"] == logged["eval_ema/top1"] and saved["count"] == 360
     assert [c["class"] for c in saved["per_class"]] == list(range(10))
-    refused = subprocess.run([*command, "--batch", "6"], cwd=ROOT, env=env,
+    refused = subprocess.run([*command, "--batch", "5"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "batch size (6) must be a positive multiple of the 4 local devices" in refused.stderr
+    assert "batch size (5) must be a positive multiple of the 2 local devices" in refused.stderr
 
 
 def test_class_names_come_from_the_names_file_the_weights_the_runs_data_or_imagenet(tmp_path):

@@ -40,8 +40,7 @@ import numpy as np
 import data
 import nets
 from data import sources
-from data.classification import Recipe, eval_batches
-from experiments import common
+from data.classification import Recipe, eval_batches, eval_config
 from training import classification, distributed, loop, steps, weight_sources
 
 # What the flags may change of the weights' eval preprocessing: {option: data config field}.
@@ -85,10 +84,9 @@ def load(weights, *, model: str | None = None, ema: bool = False, **preprocessin
         raise EvaluationError(f"unknown preprocessing option(s) {unknown}; choose from "
                               f"{sorted(OVERRIDABLE)}")
     overridden = {k: v for k, v in preprocessing.items() if v is not None}
-    cfg = common.base().data
-    cfg.update(source.eval_preprocessing)
-    cfg.update({OVERRIDABLE[k]: v for k, v in overridden.items()})
-    cfg.num_classes = source.num_classes
+    cfg = eval_config({**source.eval_preprocessing,
+                       **{OVERRIDABLE[k]: v for k, v in overridden.items()}},
+                      source.num_classes)
     try:
         Recipe.from_config(cfg)   # e.g. a non-bicubic TF resize
     except ValueError as e:

@@ -37,7 +37,7 @@ def load_variables(name: str, weights: str | None = None, num_classes: int | Non
     converted by `nets.convert.from_torch`), checked strictly against the variant; or a random
     init from `seed` without `weights`."""
     if weights is None:
-        f = nets.transformed(name, 1000 if num_classes is None else num_classes, **overrides)
+        f = nets.transformed(name, num_classes, **overrides)
         images = nets.introspect.example_images(name, 1, 64, **overrides)  # params: any size
         init = jax.jit(f.init, static_argnames="is_training")
         return init(jax.random.key(seed), jnp.zeros(images.shape, images.dtype),

@@ -4,9 +4,9 @@ import nets
 
 
 def model_table() -> str:
-    """Parameters with the 1000-class head: the registry's reference figure where there is one
-    (each family's tests assert that our count equals it, so the table need not count again),
-    else counted with jax.eval_shape."""
+    """Parameters with the default head (1000 classes; a COCO detector's 90): the registry's
+    reference figure where there is one (each family's tests assert that our count equals it,
+    so the table need not count again), else counted with jax.eval_shape."""
     rows = ["| model | params | reference (params equal ours) | train / test px |",
             "|---|---:|---|---|"]
     for name in nets.list_models():

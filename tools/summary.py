@@ -1,6 +1,6 @@
 """A per-module summary of a registered model: output shape, parameters and multiply-adds.
 
-    python -m tools.summary resnet50 [--size 224] [--num-classes 1000]
+    python -m tools.summary resnet50 [--size 224] [--num-classes N (default: the variant's)]
 
     from tools.summary import summary, format_table
     print(format_table(summary("resnet50")))
@@ -113,7 +113,7 @@ class _Counter:
                 mock.patch.object(hk, "layer_stack", stack))
 
 
-def summary(name: str, size: int | None = None, num_classes: int = 1000,
+def summary(name: str, size: int | None = None, num_classes: int | None = None,
             **overrides) -> list[Row]:
     """Rows for every module of the variant's eval-mode forward on one image (one clip for
     video models) of `size` pixels (default: the variant's train size), in call order."""
@@ -218,7 +218,8 @@ def main(argv=None) -> None:
                                      "print(nets.list_models())')")
     parser.add_argument("--size", type=int, default=None,
                         help="input pixels (default: the model's train size)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="default: ImageNet's 1000, a COCO detector's 90")
     args = parser.parse_args(argv)
     if args.size is not None and args.size <= 0:
         parser.error(f"--size must be positive, got {args.size}")

@@ -1,0 +1,209 @@
+"""EfficientDet D0-D7x (Tan, Pang & Le 2020), exact to the official google/automl code.
+
+The backbone is this codebase's EfficientNet-Bx without its head (`EfficientNet.features`:
+C3, C4, C5 = the last blocks at strides 8, 16, 32); a BiFPN (`nets.bifpn`) adds P6, P7 (P8)
+and fuses P3..P7 (P8) over `fpn_cells` cells; a class net and a box net, each `head_repeats` x
+(separable 3x3 conv -> BN -> swish) and a separable 3x3 predict conv, run on every level with
+their convs shared across levels and a BatchNorm per (repeat, level).
+
+`__call__` returns the raw head outputs, NHWC, one array per level from min_level up:
+{"class": [[B, H_l, W_l, A * num_classes]], "box": [[B, H_l, W_l, A * 4]]}, A anchors per
+location (the channel layout anchor-major: reshape to [..., A, K] / [..., A, 4], box codes
+(ty, tx, th, tw)); num_classes=0 leaves out the class net and "class". `features` returns the
+BiFPN's outputs as {"stage1": P3, ...} at strides 8..128 (256 with P8). Anchors, box coding
+and post-processing are the detection task's, parametrised by the row's `task_metadata`.
+
+Inits as the official Keras model: BiFPN kernels Glorot-uniform; head kernels variance
+scaling (1, fan-in, truncated normal) with Keras' fans for depthwise kernels; biases zero but
+the class predict bias, -log((1 - 0.01) / 0.01) (a prior of 0.01 per anchor and class).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nets import bifpn, efficientnet, layers
+from nets.records import ModelInfo, Preprocessing
+
+HEAD_INIT = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+CLASS_PRIOR = 0.01
+
+
+class HeadNet(hk.Module):
+    """`repeats` x (separable conv shared across levels -> BN of its own per level -> act),
+    then the shared separable predict conv to `num_outputs` channels."""
+
+    def __init__(self, num_outputs: int, repeats: int, activation: str,
+                 predict_bias: float = 0.0, name: str | None = None):
+        super().__init__(name=name)
+        self.num_outputs, self.repeats, self.activation = num_outputs, repeats, activation
+        self.predict_bias = predict_bias
+
+    def __call__(self, maps: Sequence[jax.Array], is_training: bool) -> list[jax.Array]:
+        width, act = maps[0].shape[-1], layers.activation(self.activation)
+        dw_init = bifpn.keras_depthwise(HEAD_INIT)
+        convs = [bifpn.SeparableConv(width, dw_init=dw_init, pw_init=HEAD_INIT,
+                                     name=f"conv_rep_{i}") for i in range(self.repeats)]
+        predict = bifpn.SeparableConv(self.num_outputs, dw_init=dw_init, pw_init=HEAD_INIT,
+                                      b_init=hk.initializers.Constant(self.predict_bias),
+                                      name="predict")
+        outputs = []
+        for level, x in enumerate(maps):
+            for i, conv in enumerate(convs):
+                x = act(bifpn.batch_norm(f"bn_rep_{i}_{level}")(conv(x), is_training))
+            outputs.append(predict(x))
+        return outputs
+
+
+class EfficientDet(hk.Module):
+    """EfficientDet. See the module docstring for the outputs.
+
+    Args:
+      backbone: k of the EfficientNet-Bk backbone (its width and depth coefficients).
+      fpn_width, fpn_cells: the BiFPN's channels W and number of cells D.
+      head_repeats: conv repeats of the class and box nets.
+      num_classes: classes of the class net (90: COCO ids 1..90, the official heads).
+      num_anchors: anchors per location (scales x aspect ratios).
+      min_level, max_level: the pyramid's levels (3..7; D7x 3..8).
+      fusion: "fastattn" (fast normalised fusion) or "sum".
+      drop_connect_rate: the backbone's (official: 0 for B0, 0.2 otherwise).
+    """
+
+    def __init__(self, backbone: int = 0, fpn_width: int = 64, fpn_cells: int = 3,
+                 head_repeats: int = 3, num_classes: int = 90, num_anchors: int = 9,
+                 min_level: int = 3, max_level: int = 7, fusion: str = "fastattn",
+                 drop_connect_rate: float = 0.0, activation: str = "swish",
+                 in_channels: int = 3, name: str = "efficientdet"):
+        super().__init__(name=name)
+        if min_level != 3:
+            raise ValueError(f"min_level must be 3 (the backbone gives C3-C5), got {min_level}")
+        self.backbone, self.fpn_width, self.fpn_cells = backbone, fpn_width, fpn_cells
+        self.head_repeats, self.num_classes, self.num_anchors = (head_repeats, num_classes,
+                                                                 num_anchors)
+        self.min_level, self.max_level, self.fusion = min_level, max_level, fusion
+        self.drop_connect_rate, self.activation = drop_connect_rate, activation
+        self.in_channels = in_channels
+
+    @hk.name_like("__call__")
+    def features(self, images, is_training: bool) -> dict[str, jax.Array]:
+        layers.check_images(images, self.module_name, self.in_channels)
+        width, depth, _, _ = efficientnet.SCALING[self.backbone]
+        net = efficientnet.EfficientNet(width, depth, num_classes=0,
+                                        drop_connect_rate=self.drop_connect_rate,
+                                        activation=self.activation, in_channels=self.in_channels,
+                                        name="backbone")
+        stages = net.features(images, is_training)
+        maps = bifpn.BiFPN(self.fpn_width, self.fpn_cells, self.min_level, self.max_level,
+                           self.fusion, self.activation, name="fpn")(
+            [stages["stage2"], stages["stage3"], stages["stage4"]], images.shape[1:3],
+            is_training)
+        return {f"stage{i + 1}": x for i, x in enumerate(maps)}
+
+    def __call__(self, images, is_training: bool) -> dict[str, list[jax.Array]]:
+        maps = list(self.features(images, is_training).values())
+        out = {}
+        if self.num_classes:
+            prior = -math.log((1 - CLASS_PRIOR) / CLASS_PRIOR)
+            out["class"] = HeadNet(self.num_anchors * self.num_classes, self.head_repeats,
+                                   self.activation, prior, name="class_net")(maps, is_training)
+        out["box"] = HeadNet(self.num_anchors * 4, self.head_repeats, self.activation,
+                             name="box_net")(maps, is_training)
+        return jax.tree.map(lambda x: x.astype(jnp.float32), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# effdet's `tf_efficientdet_*` names (its backbone: timm's `tf_efficientnet_bx`).
+
+_BACKBONE_LEAVES = {  # ours -> timm's, in blocks with an expansion conv / without (stage 1)
+    "expand_conv": ("conv_pw", None), "expand_bn": ("bn1", None),
+    "dwconv": ("conv_dw", "conv_dw"), "bn": ("bn2", "bn1"),
+    "se.reduce": ("se.conv_reduce", "se.conv_reduce"),
+    "se.expand": ("se.conv_expand", "se.conv_expand"),
+    "project_conv": ("conv_pwl", "conv_pw"), "project_bn": ("bn3", "bn2")}
+
+
+def torch_name(path: str, config: Mapping[str, Any]) -> str:
+    """Our module path -> effdet's module name ("fpn.cell_1.node_4.conv.conv_dw" ->
+    "fpn.cell.1.fnode.4.after_combine.conv.conv_dw")."""
+    if path == "backbone.stem_conv":
+        return "backbone.conv_stem"
+    if path == "backbone.stem_bn":
+        return "backbone.bn1"
+    m = re.fullmatch(r"backbone\.block(\d+)([a-z])\.(.+)", path)
+    if m:
+        stage, block, rest = int(m[1]) - 1, ord(m[2]) - ord("a"), m[3]
+        expands = efficientnet.B0_STAGES[stage][4] != 1
+        return f"backbone.blocks.{stage}.{block}.{_BACKBONE_LEAVES[rest][0 if expands else 1]}"
+    m = re.fullmatch(r"fpn\.resample_p(\d+)\.(conv|bn)", path)
+    if m:
+        return f"fpn.resample.{int(m[1]) - config.get('min_level', 3)}.conv.{m[2]}"
+    m = re.fullmatch(r"fpn\.cell_(\d+)\.node_(\d+)(.*)", path)
+    if m:
+        node, rest = f"fpn.cell.{m[1]}.fnode.{m[2]}", m[3]
+        if rest == "":  # the node's own parameter: the fusion weights
+            return f"{node}.combine"
+        r = re.fullmatch(r"\.resample_(\d+)\.(conv|bn)", rest)
+        if r:
+            return f"{node}.combine.resample.{r[1]}.conv.{r[2]}"
+        return f"{node}.after_combine.conv{rest.removeprefix('.conv')}"
+    m = re.fullmatch(r"(class_net|box_net)\.(conv_rep_(\d+)|bn_rep_(\d+)_(\d+)|predict)(.*)", path)
+    if m:
+        if m[3] is not None:
+            return f"{m[1]}.conv_rep.{m[3]}{m[6]}"
+        if m[4] is not None:
+            return f"{m[1]}.bn_rep.{m[4]}.{m[5]}.bn"
+        return f"{m[1]}.predict{m[6]}"
+    raise ValueError(f"no effdet name for {path!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: the official `efficientdet_model_param_dict` (../shared/reference/efficientdet_spec.md
+# §1): (backbone, input px, BiFPN width, cells, head repeats, anchor scale, max level, fusion).
+# Parameter counts (90 classes) and BN statistic elements: effdet's `tf_efficientdet_*`, equal
+# to the official model's (tests/reference/efficientdet_official.json).
+
+ROWS = {"d0": (0, 512, 64, 3, 3, 4.0, 7, "fastattn", 3880067, 47136),
+        "d1": (1, 640, 88, 4, 3, 4.0, 7, "fastattn", 6625898, 71456),
+        "d2": (2, 768, 112, 5, 3, 4.0, 7, "fastattn", 8097039, 81776),
+        "d3": (3, 896, 160, 6, 4, 4.0, 7, "fastattn", 12032296, 114304),
+        "d4": (4, 1024, 224, 7, 4, 4.0, 7, "fastattn", 20723675, 167312),
+        "d5": (5, 1280, 288, 7, 4, 4.0, 7, "fastattn", 33653315, 227392),
+        "d6": (6, 1280, 384, 8, 5, 4.0, 7, "sum", 51871782, 311984),
+        "d7": (6, 1536, 384, 8, 5, 5.0, 7, "sum", 51871782, 311984),
+        "d7x": (7, 1536, 384, 8, 5, 4.0, 8, "sum", 77147166, 417728)}
+NUM_SCALES = 3
+# effdet's (w, h) multipliers, the official code's first-release convention; the current
+# official code writes aspect ratios 1, 2, 0.5 as (sqrt(r), 1 / sqrt(r)) pairs.
+ASPECT_RATIOS = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
+
+
+def _variant(key: str) -> ModelInfo:
+    (backbone, size, width, cells, repeats, anchor_scale, max_level, fusion, params,
+     bn_stats) = ROWS[key]
+    return ModelInfo(
+        name=f"efficientdet_{key}", family="efficientdet", builder=EfficientDet,
+        config=dict(backbone=backbone, fpn_width=width, fpn_cells=cells, head_repeats=repeats,
+                    max_level=max_level, fusion=fusion,
+                    # the official code turns drop connect off for B0 inside EfficientDet
+                    drop_connect_rate=0.0 if backbone == 0 else 0.2,
+                    num_anchors=NUM_SCALES * len(ASPECT_RATIOS)),
+        reference=f"effdet:tf_efficientdet_{key}", reference_params=params,
+        reference_bn_stat_elems=bn_stats, train_size=size, test_size=size,
+        # evaluated on the whole image, resized to fit and padded at the bottom/right
+        preprocessing=Preprocessing(crop_fraction=None, image_ops="tf"),
+        feature_strides=tuple(2 ** level for level in range(3, max_level + 1)),
+        classifier="class_net/predict/conv_pw", task="detection",
+        task_metadata=dict(image_size=size, min_level=3, max_level=max_level,
+                           anchor_scale=anchor_scale, num_scales=NUM_SCALES,
+                           aspect_ratios=ASPECT_RATIOS, num_classes=90),
+        torch_name=torch_name)
+
+
+VARIANTS = tuple(_variant(k) for k in ROWS)

@@ -1,0 +1,241 @@
+"""EfficientDet D0-D7x: the official variant table, parameter and BatchNorm counts equal to the
+official model's (tests/reference/efficientdet_official.json) for all nine, by part, and the
+per-level class and box outputs equal to effdet's `tf_efficientdet_*` on converted random
+weights: D0, the sum-fusion path, the P3-P8 graph, and input sizes that are not multiples of
+128 (where levels upsample to stored sizes, not by x2)."""
+
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nets
+from nets import bifpn
+from tests import reference
+from tests.helpers import count, reference_figures
+
+VARIANTS = nets.list_models("efficientdet_*")
+KEYS = ["D0", "D1", "D2", "D3", "D4", "D5", "D6", "D7", "D7x"]
+OFFICIAL = reference_figures("efficientdet_official.json")["variants"]
+
+
+def test_the_nine_variants_are_the_official_table():
+    """§1 of the reference notes: backbone, input, BiFPN width and cells, head repeats, anchor
+    scale, levels, fusion."""
+    assert [f"efficientdet_{k.lower()}" for k in KEYS] == VARIANTS
+    table = {
+        "d0": (0, 512, 64, 3, 3, 4.0, 7, "fastattn"), "d1": (1, 640, 88, 4, 3, 4.0, 7, "fastattn"),
+        "d2": (2, 768, 112, 5, 3, 4.0, 7, "fastattn"),
+        "d3": (3, 896, 160, 6, 4, 4.0, 7, "fastattn"),
+        "d4": (4, 1024, 224, 7, 4, 4.0, 7, "fastattn"),
+        "d5": (5, 1280, 288, 7, 4, 4.0, 7, "fastattn"), "d6": (6, 1280, 384, 8, 5, 4.0, 7, "sum"),
+        "d7": (6, 1536, 384, 8, 5, 5.0, 7, "sum"), "d7x": (7, 1536, 384, 8, 5, 4.0, 8, "sum")}
+    for key, row in table.items():
+        info = nets.model_info(f"efficientdet_{key}")
+        c, meta = info.config, info.task_metadata
+        assert (c["backbone"], info.train_size, c["fpn_width"], c["fpn_cells"],
+                c["head_repeats"], meta["anchor_scale"], c["max_level"], c["fusion"]) == row
+        assert info.task == "detection" and info.test_size == meta["image_size"] == row[1]
+        assert (meta["min_level"], meta["max_level"], meta["num_scales"],
+                len(meta["aspect_ratios"]), meta["num_classes"]) == (3, row[6], 3, 3, 90)
+        assert c["num_anchors"] == 9
+        assert c["drop_connect_rate"] == (0.0 if key == "d0" else 0.2)  # off for B0
+        assert info.feature_strides == tuple(2 ** k for k in range(3, row[6] + 1))
+
+
+def _zeros(next_creator, shape, dtype, init, context):
+    return jnp.zeros(shape, dtype)
+
+
+def _trees(name, num_classes=90):
+    """(params, state) shapes of the variant, traced with zero initialisers (fast)."""
+    def forward(images):
+        with hk.custom_creator(_zeros, params=True, state=True):
+            return nets.create(name, num_classes)(images, is_training=True)
+
+    images = nets.introspect.example_images(name, 1, 256)
+    return jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0), images)
+
+
+PARTS = {"backbone": "efficientdet/backbone", "bifpn": "efficientdet/fpn",
+         "class_net": "efficientdet/class_net", "box_net": "efficientdet/box_net"}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_counts_equal_the_official_model_by_part(key):
+    name = f"efficientdet_{key.lower()}"
+    params, state = _trees(name)
+    figures, info = OFFICIAL[key], nets.model_info(name)
+    assert (count(params), count(state)) == (figures["params"]["total"],
+                                             figures["bn_stat_elems"]["total"])
+    assert (info.reference_params, info.reference_bn_stat_elems) == (
+        figures["params"]["total"], figures["bn_stat_elems"]["total"])
+    for part, prefix in PARTS.items():
+        assert count({m: v for m, v in params.items() if m.startswith(prefix)}) == (
+            figures["params"][part]), part
+        assert count({m: v for m, v in state.items() if m.startswith(prefix)}) == (
+            figures["bn_stat_elems"][part]), part
+        assert len([m for m in state if m.startswith(prefix)]) == figures["bn_layers"][part]
+    assert count({m: v for m, v in params.items() if m.startswith(
+        "efficientdet/fpn/resample_p")}) == figures["params"]["bifpn_extra_level_resample"]
+    assert count({m: {"w": v["fusion_weights"]} for m, v in params.items()
+                  if "fusion_weights" in v}) == figures["params"]["bifpn_fusion_weights"]
+
+
+def test_multiply_adds_of_d0_are_the_reference_conv_count():
+    """Convolutions only, at 512 px: the reference's 4,984,663,040 FLOPs = 2 x MACs."""
+    from tools import summary
+
+    _, macs = summary.totals(summary.summary("efficientdet_d0", num_classes=90))
+    assert macs * 2 == 4_984_663_040
+
+
+def test_initialisation_is_the_official_one():
+    """Class predict bias -log(0.99 / 0.01), box biases zero, fusion weights 1; BiFPN kernels
+    Glorot-uniform, head kernels variance scaling over Keras' fan-in (depthwise: 9 x C)."""
+    inits = {}
+
+    def record(next_creator, shape, dtype, init, context):
+        inits[context.full_name] = (shape, init)
+        return jnp.zeros(shape, dtype)
+
+    def forward(images):
+        with hk.custom_creator(record, params=True, state=False):
+            return nets.create("efficientdet_d0", 90)(images, is_training=True)
+
+    jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0),
+                   jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
+
+    def draw(key):  # initialisers draw from Haiku's key sequence: inside a transform
+        shape, init = inits[key]
+        return np.asarray(hk.transform(lambda: init(shape, jnp.float32)).apply(
+            {}, jax.random.key(0)))
+
+    prior = -math.log((1 - 0.01) / 0.01)
+    np.testing.assert_allclose(draw("efficientdet/class_net/predict/conv_pw/b"), prior, rtol=1e-6)
+    assert not draw("efficientdet/box_net/predict/conv_pw/b").any()
+    assert not draw("efficientdet/class_net/conv_rep_0/conv_pw/b").any()
+    assert (draw("efficientdet/fpn/cell_0/node_0/fusion_weights") == 1).all()
+    # Glorot-uniform on the depthwise (3, 3, 64, 1) Keras kernel: limit sqrt(6 / (9*64 + 9)).
+    dw = draw("efficientdet/fpn/cell_1/node_2/conv/conv_dw/w")
+    assert dw.shape == (3, 3, 1, 64)
+    assert 0.9 < np.abs(dw).max() / math.sqrt(6 / (9 * 64 + 9)) <= 1
+    # Head depthwise: std 1 / sqrt(9 * 64); pointwise: 1 / sqrt(64).
+    assert np.std(draw("efficientdet/class_net/conv_rep_1/conv_dw/w")) == pytest.approx(
+        1 / math.sqrt(9 * 64), rel=0.15)
+    assert np.std(draw("efficientdet/box_net/predict/conv_pw/w")) == pytest.approx(
+        1 / 8, rel=0.1)
+
+
+def test_resampling_follows_the_official_rules():
+    x = jnp.arange(2 * 5 * 7 * 1, dtype=jnp.float32).reshape(2, 5, 7, 1)
+    # down: 3x3/2 SAME max-pool, the extra padding at the bottom/right
+    assert bifpn.resample(x, (3, 4)).shape == (2, 3, 4, 1)
+    np.testing.assert_array_equal(bifpn.resample(x, (3, 4))[0, :, :, 0],
+                                  [[8, 10, 12, 13], [22, 24, 26, 27], [29, 31, 33, 34]])
+    # up: TF v1 nearest, source floor(i * in / out): 2 -> 3 reads rows 0, 0, 1
+    y = jnp.asarray([[[[1.0], [2.0]], [[3.0], [4.0]]]])
+    np.testing.assert_array_equal(bifpn.resample(y, (3, 4))[0, :, :, 0],
+                                  [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4]])
+    assert bifpn.node_graph(3, 8) == [
+        (7, (4, 5)), (6, (3, 6)), (5, (2, 7)), (4, (1, 8)), (3, (0, 9)), (4, (1, 9, 10)),
+        (5, (2, 8, 11)), (6, (3, 7, 12)), (7, (4, 6, 13)), (8, (5, 14))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs against effdet on converted weights.
+
+
+def _effdet_model(variant, images, **config_overrides):
+    """effdet's model of `variant` with config fields replaced (never pretrained), weights
+    random: He-normal convs, random biases, fusion weights N(0, 1) but the first of each node
+    positive (some negative, so that their ReLU matters: an all-negative node would cut the
+    image's signal off). BatchNorm affines random; statistics those of each BatchNorm's input
+    on `images` (NCHW) in eval mode, the variances raised by their channel mean. Statistics
+    drawn independently of the data make the image's part of the signal fade ~20x per
+    backbone stage behind the BN offsets (the outputs hardly depend on the image, so a bug
+    would hide below the tolerance); statistics off the data's by a few percent compound over
+    the ~100 BatchNorms into outputs of 1e3-1e5; and a near-constant channel (at a 1x1 level)
+    with its own tiny variance amplifies float32 rounding up to 1 / sqrt(eps) = 31x per
+    BatchNorm."""
+    torch, effdet = reference.torch(), reference.effdet()
+    config = effdet.get_efficientdet_config(variant)
+    for key, value in {"image_size": tuple(images.shape[2:]), **config_overrides}.items():
+        setattr(config, key, value)
+    config.num_levels = config.max_level - config.min_level + 1
+    model = effdet.create_model_from_config(config, pretrained=False,
+                                            pretrained_backbone=False)
+    gen = torch.Generator().manual_seed(0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith("edge_weights"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+                p[0] = p[0].abs() + 0.5
+            elif p.ndim == 4:
+                p.copy_(torch.randn(p.shape, generator=gen) * (2 / p[0].numel()) ** 0.5)
+            elif key.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for m in norms:
+            c = m.num_features
+            m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
+            m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+
+        def calibrate(norm, inputs):  # in call order, so each sees the calibrated ones before
+            x = inputs[0]
+            norm.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+            var = x.var(dim=(0, 2, 3), unbiased=False)
+            norm.running_var.copy_(var + var.mean())
+
+        hooks = [m.register_forward_pre_hook(calibrate) for m in norms]
+        model.eval()(images)
+        for hook in hooks:
+            hook.remove()
+    return model
+
+
+CASES = {  # id: (our variant, overrides, effdet variant, its config changes, image (h, w))
+    "d0_128px": ("efficientdet_d0", {}, "tf_efficientdet_d0", {}, (128, 128)),
+    "sum_fusion_128px": ("efficientdet_d6", dict(backbone=0, fpn_width=32, fpn_cells=2,
+                                                head_repeats=2),
+                        "tf_efficientdet_d6", dict(backbone_name="tf_efficientnet_b0",
+                                                   fpn_channels=32, fpn_cell_repeats=2,
+                                                   box_class_repeats=2), (128, 128)),
+    "p3_p8_256px": ("efficientdet_d7x", dict(backbone=0, fpn_width=32, fpn_cells=2,
+                                             head_repeats=2),
+                    "tf_efficientdet_d7x", dict(backbone_name="tf_efficientnet_b0",
+                                                fpn_channels=32, fpn_cell_repeats=2,
+                                                box_class_repeats=2), (256, 256)),
+    "d0_160x224px": ("efficientdet_d0", dict(fpn_width=32, fpn_cells=2, head_repeats=2),
+                     "tf_efficientdet_d0", dict(fpn_channels=32, fpn_cell_repeats=2,
+                                                box_class_repeats=2), (160, 224)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_equal_effdet_on_converted_weights(case):
+    name, overrides, variant, changes, (h, w) = CASES[case]
+    torch = reference.torch()
+    images = np.random.RandomState(0).randn(2, h, w, 3).astype(np.float32)
+    model = _effdet_model(variant, torch.from_numpy(images).permute(0, 3, 1, 2), **changes)
+    with torch.no_grad():
+        ref_class, ref_box = model(torch.from_numpy(images).permute(0, 3, 1, 2))
+    # num_classes comes from the checkpoint: 810 class outputs = 9 anchors x 90 classes
+    params, state = nets.convert.from_torch(name, model.state_dict(), **overrides)
+    assert nets.introspect.num_classes_of(name, params, overrides) == 90
+    f = nets.transformed(name, 90, **overrides)
+    out, _ = jax.jit(f.apply, static_argnames="is_training")(params, state, None, images,
+                                                             is_training=False)
+    levels = nets.model_info(name).task_metadata["max_level"] - 2
+    assert len(out["class"]) == len(out["box"]) == len(ref_class) == levels
+    sizes = bifpn.level_sizes((h, w), 3 + levels - 1)[3:]
+    for ours, ref, k in ((out["class"], ref_class, 810), (out["box"], ref_box, 36)):
+        for level, (a, b) in enumerate(zip(ours, ref)):
+            b = b.permute(0, 2, 3, 1).numpy()
+            assert a.shape == b.shape == (2, *sizes[level], k)
+            assert np.abs(b[0] - b[1]).max() > 0.05  # the outputs depend on the image
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0,
+                                       err_msg=f"{case} level P{level + 3}")
