@@ -239,3 +239,37 @@ def test_outputs_equal_effdet_on_converted_weights(case):
             assert np.abs(b[0] - b[1]).max() > 0.05  # the outputs depend on the image
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0,
                                        err_msg=f"{case} level P{level + 3}")
+
+
+def test_the_outputs_feed_the_detection_primitives_anchor_for_anchor():
+    """A registry row's task_metadata gives the anchors the model's outputs line up with: one
+    anchor per (level, cell, anchor) output row, and the loss and post-processing take the
+    outputs as they are (traced only: jax.eval_shape)."""
+    import detection
+
+    info = nets.model_info("efficientdet_d0")
+    meta, size, batch = info.task_metadata, 128, 2
+    anchors = detection.generate_anchors(size, meta["min_level"], meta["max_level"],
+                                         meta["num_scales"], meta["aspect_ratios"],
+                                         meta["anchor_scale"])
+    f = nets.transformed("efficientdet_d0")
+    assert nets.default_num_classes("efficientdet_d0") == meta["num_classes"] == 90
+
+    def detect(images, boxes, labels):
+        params, state = f.init(jax.random.key(0), images, is_training=True)
+        out, _ = f.apply(params, state, None, images, is_training=False)
+        targets = detection.assign_targets_batch(anchors, boxes, labels)
+        loss = detection.detection_loss(out["class"], out["box"], targets, meta["num_classes"])
+        found = detection.generate_detections(out["class"], out["box"], anchors,
+                                              meta["num_classes"], jnp.ones((batch,)))
+        return out, loss, found
+
+    out, loss, found = jax.eval_shape(
+        detect, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        jax.ShapeDtypeStruct((batch, 5, 4), jnp.float32),
+        jax.ShapeDtypeStruct((batch, 5), jnp.int32))
+    rows = sum(x.shape[1] * x.shape[2] * x.shape[3] // meta["num_classes"]
+               for x in out["class"])
+    assert rows == anchors.shape[0] == sum(x.shape[1] * x.shape[2] * x.shape[3] // 4
+                                           for x in out["box"])
+    assert loss.total.shape == () and found.boxes.shape == (batch, 100, 4)
