@@ -9,7 +9,11 @@ their convs shared across levels and a BatchNorm per (repeat, level).
 `__call__` returns the raw head outputs, NHWC, one array per level from min_level up:
 {"class": [[B, H_l, W_l, A * num_classes]], "box": [[B, H_l, W_l, A * 4]]}, A anchors per
 location (the channel layout anchor-major: reshape to [..., A, K] / [..., A, 4], box codes
-(ty, tx, th, tw)); num_classes=0 leaves out the class net and "class". `features` returns the
+(ty, tx, th, tw)); num_classes=0 leaves out the class net and "class". With
+`points_per_cell` P > 0 the head is the design notes' anchor-free point head (spec §18): the
+box net is replaced by a point net, {"class": [[B, H_l, W_l, P * num_classes]], "point":
+[[B, H_l, W_l, P * 2]]}, slot-major, the point channels in-cell (y, x) logits
+(`detection.keypoints` encodes, scores and decodes them). `features` returns the
 BiFPN's outputs as {"stage1": P3, ...} at strides 8..128 (256 with P8). Anchors, box coding
 and post-processing are the detection task's, parametrised by the row's `task_metadata`.
 
@@ -20,6 +24,7 @@ the class predict bias, -log((1 - 0.01) / 0.01) (a prior of 0.01 per anchor and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -66,7 +71,8 @@ class EfficientDet(hk.Module):
     """EfficientDet. See the module docstring for the outputs.
 
     Args:
-      backbone: k of the EfficientNet-Bk backbone (its width and depth coefficients).
+      backbone: k of the EfficientNet-Bk backbone (its width and depth coefficients), or a
+        (width, depth) pair of its own (small models for tests).
       fpn_width, fpn_cells: the BiFPN's channels W and number of cells D.
       head_repeats: conv repeats of the class and box nets.
       num_classes: classes of the class net (90: COCO ids 1..90, the official heads).
@@ -74,13 +80,16 @@ class EfficientDet(hk.Module):
       min_level, max_level: the pyramid's levels (3..7; D7x 3..8).
       fusion: "fastattn" (fast normalised fusion) or "sum".
       drop_connect_rate: the backbone's (official: 0 for B0, 0.2 otherwise).
+      points_per_cell: 0 for the box head; P > 0 for the point head with P point slots per
+        cell (num_anchors is then not used).
     """
 
-    def __init__(self, backbone: int = 0, fpn_width: int = 64, fpn_cells: int = 3,
-                 head_repeats: int = 3, num_classes: int = 90, num_anchors: int = 9,
-                 min_level: int = 3, max_level: int = 7, fusion: str = "fastattn",
-                 drop_connect_rate: float = 0.0, activation: str = "swish",
-                 in_channels: int = 3, name: str = "efficientdet"):
+    def __init__(self, backbone: int | tuple[float, float] = 0, fpn_width: int = 64,
+                 fpn_cells: int = 3, head_repeats: int = 3, num_classes: int = 90,
+                 num_anchors: int = 9, min_level: int = 3, max_level: int = 7,
+                 fusion: str = "fastattn", drop_connect_rate: float = 0.0,
+                 activation: str = "swish",
+                 in_channels: int = 3, points_per_cell: int = 0, name: str = "efficientdet"):
         super().__init__(name=name)
         if min_level != 3:
             raise ValueError(f"min_level must be 3 (the backbone gives C3-C5), got {min_level}")
@@ -89,12 +98,13 @@ class EfficientDet(hk.Module):
                                                                  num_anchors)
         self.min_level, self.max_level, self.fusion = min_level, max_level, fusion
         self.drop_connect_rate, self.activation = drop_connect_rate, activation
-        self.in_channels = in_channels
+        self.in_channels, self.points_per_cell = in_channels, points_per_cell
 
     @hk.name_like("__call__")
     def features(self, images, is_training: bool) -> dict[str, jax.Array]:
         layers.check_images(images, self.module_name, self.in_channels)
-        width, depth, _, _ = efficientnet.SCALING[self.backbone]
+        width, depth = (efficientnet.SCALING[self.backbone][:2]
+                        if isinstance(self.backbone, int) else self.backbone)
         net = efficientnet.EfficientNet(width, depth, num_classes=0,
                                         drop_connect_rate=self.drop_connect_rate,
                                         activation=self.activation, in_channels=self.in_channels,
@@ -108,13 +118,16 @@ class EfficientDet(hk.Module):
 
     def __call__(self, images, is_training: bool) -> dict[str, list[jax.Array]]:
         maps = list(self.features(images, is_training).values())
-        out = {}
+        slots, out = self.points_per_cell or self.num_anchors, {}
         if self.num_classes:
             prior = -math.log((1 - CLASS_PRIOR) / CLASS_PRIOR)
-            out["class"] = HeadNet(self.num_anchors * self.num_classes, self.head_repeats,
+            out["class"] = HeadNet(slots * self.num_classes, self.head_repeats,
                                    self.activation, prior, name="class_net")(maps, is_training)
-        out["box"] = HeadNet(self.num_anchors * 4, self.head_repeats, self.activation,
-                             name="box_net")(maps, is_training)
+        # The point head keeps the trunk on every level, so that no BiFPN node is left
+        # without a consumer; the keypoint code reads the levels its task_metadata names.
+        kind, coords = ("point", 2) if self.points_per_cell else ("box", 4)
+        out[kind] = HeadNet(slots * coords, self.head_repeats, self.activation,
+                            name=f"{kind}_net")(maps, is_training)
         return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
 
@@ -206,4 +219,20 @@ def _variant(key: str) -> ModelInfo:
         torch_name=torch_name)
 
 
-VARIANTS = tuple(_variant(k) for k in ROWS)
+def _keypoint_variant() -> ModelInfo:
+    """D0 with the point head (issue 20, efficientdet_spec.md §18): one point slot per cell on
+    P3, the stride-8 grid (the design note's one grid size, fixed in advance). No reference
+    implementation exists, so no reference count; tests/test_keypoints.py counts the head in
+    closed form. One point class by default (pass num_classes for more)."""
+    info = _variant("d0")
+    config = {k: v for k, v in info.config.items() if k != "num_anchors"}
+    return dataclasses.replace(
+        info, name="efficientdet_d0_keypoints", config={**config, "points_per_cell": 1},
+        reference="paper:EfficientDet D0 + the design notes' point head (spec §18)",
+        reference_params=None, reference_bn_stat_elems=None, task="keypoints",
+        task_metadata=dict(image_size=512, min_level=3, max_level=7, levels=(3,),
+                           points_per_cell=1, num_classes=1),
+        torch_name=None)
+
+
+VARIANTS = (*(_variant(k) for k in ROWS), _keypoint_variant())

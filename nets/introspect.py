@@ -44,10 +44,10 @@ def count_params(name: str, num_classes: int | None = None, **overrides) -> int:
 
 
 def outputs_per_class(name: str, overrides=None) -> int:
-    """How many head outputs each class has: 1, or a detector's anchors per location (its
-    class head predicts num_anchors x num_classes channels)."""
-    info = registry.model_info(name)
-    return int({**info.config, **(overrides or {})}.get("num_anchors", 1))
+    """How many head outputs each class has: 1, or a detector's anchors (point slots) per
+    location (its class head predicts num_anchors x num_classes channels)."""
+    config = {**registry.model_info(name).config, **(overrides or {})}
+    return int(config.get("points_per_cell") or config.get("num_anchors", 1))
 
 
 def num_classes_of(name: str, params, overrides=None) -> int:
