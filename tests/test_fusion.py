@@ -26,11 +26,15 @@ MODELS = [
     ("cspdarknet53", {}), ("mobilenet_v1", {}), ("shufflenet_v1_g3", {}),
     ("shake_shake_26_2x32d", {}),
     ("p3d_resnet50", {}),
+    # A detector (a BiFPN and heads of 1 repeat and 16 channels: the pairs are the same kinds).
+    ("efficientdet_d0", {"fpn_width": 16, "fpn_cells": 1, "head_repeats": 1}),
 ]
 # BatchNorms with no conv right before them: they become affines (x * scale + offset).
 UNFOLDABLE = {
     "densenet121": r".*/(norm1|norm5|transition\d/norm)$",   # pre-activation, after a concat
     "shake_shake_26_2x32d": r".*/shortcut_bn$",              # after the two paths' concat
+    # One head conv shared by every level, each level with its own BatchNorm.
+    "efficientdet_d0": r".*/(class|box)_net/bn_rep_\d+_\d+$",
 }
 
 
@@ -74,8 +78,10 @@ def test_fused_model_computes_the_eval_mode_function(name, overrides):
     logits, _ = apply(params, state, None, images, is_training=False)
     fused_logits, _ = jax.jit(fused.apply, static_argnames="is_training")(
         fused_params, fused_state, None, images, is_training=False)
-    assert float(np.abs(logits).max()) > 0.1   # a function worth comparing
-    np.testing.assert_allclose(fused_logits, logits, atol=1e-5, rtol=0)
+    outputs = jax.tree.leaves(logits)   # a detector's: per-level class and box maps
+    assert max(float(np.abs(x).max()) for x in outputs) > 0.1   # a function worth comparing
+    for fused_output, output in zip(jax.tree.leaves(fused_logits), outputs, strict=True):
+        np.testing.assert_allclose(fused_output, output, atol=1e-5, rtol=0)
 
 
 def test_fused_features():
