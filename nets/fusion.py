@@ -24,6 +24,7 @@ own BatchNorm).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from typing import Any
@@ -96,8 +97,8 @@ def plan(name: str, num_classes: int | None = None, **overrides) -> Plan:
     jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0), images)
     # A conv shared by several BatchNorms (a detector head's conv, applied to every level
     # with a BatchNorm per level) cannot take any one of them: they stay affines.
-    shared = {c for c in folded.values() if list(folded.values()).count(c) > 1}
-    folded = {bn: conv for bn, conv in folded.items() if conv not in shared}
+    uses = collections.Counter(folded.values())
+    folded = {bn: conv for bn, conv in folded.items() if uses[conv] == 1}
     _PLANS[key] = Plan(folded, eps)
     return _PLANS[key]
 

@@ -93,17 +93,16 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
         description = (f"{run.model} checkpoint at step {run.step}{' (EMA)' if ema else ''} "
                        f"in {os.path.abspath(path)}")
         data_config = run.config.get("data", {})
-        if not all(k in data_config for k in nets.weights.EVAL_PREPROCESSING_FIELDS):
-            # A checkpoint written without the trainer's config: the reference's preprocessing.
-            return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
-                          to_numpy(run.state), description,
-                          nets.weights.reference_eval_preprocessing(run.model),
-                          _REGISTRY.format(reference=nets.model_info(run.model).reference))
+        if all(k in data_config for k in nets.weights.EVAL_PREPROCESSING_FIELDS):
+            preprocessing = {k: data_config[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS}
+            origin = f"the run's config (step {run.step} in {run.directory})"
+            dataset = {"name": data_config["name"], "data_dir": data_config["data_dir"]}
+        else:   # a checkpoint written without the trainer's config: the reference's
+            preprocessing = nets.weights.reference_eval_preprocessing(run.model)
+            origin = _REGISTRY.format(reference=nets.model_info(run.model).reference)
+            dataset = None
         return Source(run.model, run.num_classes, run.overrides, to_numpy(run.params),
-                      to_numpy(run.state), description,
-                      {k: data_config[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS},
-                      f"the run's config (step {run.step} in {run.directory})", None,
-                      {"name": data_config["name"], "data_dir": data_config["data_dir"]})
+                      to_numpy(run.state), description, preprocessing, origin, None, dataset)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file or training workdir at {path}")
     if ema:
