@@ -7,7 +7,8 @@ dense convs reshaped) and its shape checked. Every one of our leaves must be fou
 reference tensor used; otherwise the error lists what is missing, unexpected or mismatched.
 
 Converters only: the reference's names come from the variant's registry row (`torch_name`,
-`keras_name`, `official_name`), so no family module is imported here; the trees a model expects
+`keras_name`, `official_name`: the official NFNet and EfficientDet checkpoints), so no family
+module is imported here; the trees a model expects
 come from `nets.introspect`.
 """
 
@@ -135,7 +136,10 @@ def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None
 
 
 # ----------------------------------------------------------------------------------------------
-# The official NFNet checkpoints: Haiku trees named "NFNet/~/nf_block_3/~/conv1" etc., HWIO.
+# Official checkpoints, named by the row's `official_name`: the official NFNet code's Haiku trees
+# ("NFNet/~/nf_block_3/~/conv1" etc., HWIO, Haiku's leaf names) and the official EfficientDet
+# Keras model's variables ("fpn_cells/cell_0/fnode1/resample_0_2_6/conv2d/kernel", Keras
+# layouts, as `tf.train.load_checkpoint` lists them).
 
 
 def _flatten_official(tree) -> dict[str, np.ndarray]:
@@ -151,19 +155,52 @@ def _flatten_official(tree) -> dict[str, np.ndarray]:
 
 
 def _official_keys(info, module: str, leaf: str, config) -> str | list[str]:
+    """The official name(s) of one of our leaves. The row's `official_name` gives either the
+    official module name(s) (a Haiku tree: the leaf keeps its name, under the NFNet root; a list
+    for blocks stacked under hk.layer_stack) or {our leaf: full variable name(s)} (a Keras
+    model: the variable names are the layer's own; a list where one leaf of ours is several
+    of theirs, stacked)."""
     names = info.official_name(module_path(module), config)
+    if isinstance(names, Mapping):
+        if leaf not in names:
+            raise ValueError(f"no official name for {module}/{leaf} of {info.name}")
+        return names[leaf]
     if isinstance(names, str):
         return f"NFNet/{names}/{leaf}"
     return [f"NFNet/{n}/{leaf}" for n in names]
+
+
+def _official_items(name: str, trees, overrides):
+    """(official name, array) for every leaf of `trees` (our params, state); a leaf with a list
+    of names is split along its first axis, one array per name."""
+    info = registry.model_info(name)
+    config = {**info.config, **overrides}
+    for tree in trees:
+        for module, leaves in tree.items():
+            for leaf, value in leaves.items():
+                keys, value = _official_keys(info, module, leaf, config), np.asarray(value)
+                if isinstance(keys, str):
+                    yield keys, value
+                    continue
+                if len(keys) != len(value):
+                    raise ValueError(f"{module}/{leaf} of {name}: {len(value)} rows for "
+                                     f"{len(keys)} official names")
+                yield from zip(keys, value)
+
+
+def _official_info(name: str, family: str, what: str):
+    info = registry.model_info(name)
+    if info.family != family or info.official_name is None:
+        raise ValueError(f"{name} is not an {what} with an official counterpart; the official "
+                         f"{what} layout does not apply.")
+    return info
 
 
 def from_nfnet_official(name: str, tree: Mapping[str, Any], num_classes: int | None = None,
                         **overrides):
     """Loads a checkpoint of the official NFNet code (deepmind-research/nfnets: a Haiku params
     tree, nested or flat) into `(params, state)` of an NFNet variant."""
-    info = registry.model_info(name)
-    if info.official_name is None:
-        raise ValueError(f"{name} is not an NFNet; the official NFNet layout does not apply.")
+    info = _official_info(name, "nfnet", "NFNet")
     tensors = _flatten_official(tree)
     key_fn = functools.partial(_official_keys, info, config={**info.config, **overrides})
     if num_classes is None:
@@ -174,17 +211,88 @@ def from_nfnet_official(name: str, tree: Mapping[str, Any], num_classes: int | N
 
 def to_nfnet_official(name: str, params, **overrides) -> dict[str, dict[str, np.ndarray]]:
     """Our NFNet parameters in the official code's layout and Haiku names, for export."""
-    info = registry.model_info(name)
-    config = {**info.config, **overrides}
+    _official_info(name, "nfnet", "NFNet")
     out: dict[str, dict[str, np.ndarray]] = {}
-    for module, leaves in params.items():
-        for leaf, value in leaves.items():
-            keys = _official_keys(info, module, leaf, config)
-            values = [value] if isinstance(keys, str) else list(value)
-            for key, array in zip([keys] if isinstance(keys, str) else keys, values):
-                official_module = "/~/".join(key.split("/")[:-1])
-                out.setdefault(official_module, {})[leaf] = np.asarray(array)
+    for key, array in _official_items(name, [params], overrides):
+        *module, leaf = key.split("/")
+        out.setdefault("/~/".join(module), {})[leaf] = array
     return out
+
+
+# The official EfficientDet checkpoints (google/automl) are TF1 graph checkpoints: besides the
+# model's variables they hold their ExponentialMovingAverage copies (of every trainable variable
+# and BN moving statistic, `tf.train.ExponentialMovingAverage.average_name`: the variable's name
+# + this suffix; the official evaluation loads those), the optimizer's slots and global_step.
+EMA_SUFFIX = "/ExponentialMovingAverage"
+_TF_TRAINING_ONLY = ("global_step", "beta1_power", "beta2_power")
+_TF_SLOT_SUFFIXES = ("/Momentum", "/Adam", "/Adam_1", "/RMSProp", "/RMSProp_1")
+
+
+def _official_tf_variables(weights: Mapping[str, Any], ema: bool | None):
+    """The model's variables (or with `ema` their EMA copies, keeping the suffix) of a flat
+    {variable name: array} checkpoint; names may end in ":0". ema=None: the EMA copies where the
+    checkpoint has any."""
+    names = {key.removesuffix(":0"): value for key, value in weights.items()}
+    if any(k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH") or "/.ATTRIBUTES/" in k for k in names):
+        raise ValueError(
+            "this is an object-based TF2 checkpoint (Keras save_weights), named by object "
+            "graph, not by variable: load it into the official Keras model and pass "
+            "{v.name: v.numpy() for v in model.weights}")
+    has_ema = any(k.endswith(EMA_SUFFIX) for k in names)
+    if ema and not has_ema:
+        raise ValueError(f"the checkpoint has no {EMA_SUFFIX.lstrip('/')} copies to load "
+                         "(ema=False loads its variables)")
+    ema = has_ema if ema is None else ema
+    return {key: _to_numpy(value) for key, value in names.items()
+            if key not in _TF_TRAINING_ONLY and not key.endswith(_TF_SLOT_SUFFIXES)
+            and key.endswith(EMA_SUFFIX) == ema}, ema
+
+
+def _to_keras_layout(key: str, array: np.ndarray) -> np.ndarray:
+    """Ours -> the Keras variable's layout: depthwise (k, k, 1, C) -> (k, k, C, 1); a 1x1 conv
+    of ours stored as a dense (in, out) matrix (squeeze-excitation) -> Conv2D's (1, 1, in, out)
+    (the official EfficientDet has no Dense layer)."""
+    if key.endswith("depthwise_kernel") and array.ndim == 4:
+        return array.reshape(*array.shape[:2], array.shape[3], array.shape[2])
+    if key.endswith("kernel") and array.ndim == 2:
+        return array.reshape(1, 1, *array.shape)
+    return array
+
+
+def from_efficientdet_official(name: str, weights: Mapping[str, Any],
+                               num_classes: int | None = None, ema: bool | None = None,
+                               **overrides):
+    """Loads an official google/automl EfficientDet checkpoint into `(params, state)` of an
+    efficientdet_d0..d7x variant.
+
+    `weights`: {variable name: array}, e.g. `{n: reader.get_tensor(n) for n in
+    reader.get_variable_to_shape_map()}` with `reader = tf.train.load_checkpoint(ckpt)`, or
+    `{v.name: v.numpy() for v in keras_model.weights}` (a trailing ":0" is accepted).
+    Optimizer slots and global_step are ignored. ema=True reads the ExponentialMovingAverage
+    copies (what the official evaluation uses), False the raw variables, None (default) the
+    copies when the checkpoint has them. num_classes defaults to the checkpoint's (0 without
+    a class net)."""
+    info = _official_info(name, "efficientdet", "EfficientDet")
+    tensors, ema = _official_tf_variables(weights, ema)
+    config = {**info.config, **overrides}
+
+    def key_fn(module, leaf):
+        keys = _official_keys(info, module, leaf, config)
+        suffix = EMA_SUFFIX if ema else ""
+        return keys + suffix if isinstance(keys, str) else [k + suffix for k in keys]
+
+    if num_classes is None:
+        num_classes = _infer_num_classes(name, tensors, key_fn, -1, overrides)
+    return _convert(name, tensors, key_fn, _from_keras_layout, num_classes, overrides,
+                    "official EfficientDet checkpoint" + (" (EMA)" if ema else ""))
+
+
+def to_efficientdet_official(name: str, params, state, **overrides) -> dict[str, np.ndarray]:
+    """Our EfficientDet parameters and BN statistics as {official variable name: array} in the
+    Keras layouts (the fusion weights as their per-input scalars), for export or comparison."""
+    _official_info(name, "efficientdet", "EfficientDet")
+    return {key: _to_keras_layout(key, array)
+            for key, array in _official_items(name, [params, state], overrides)}
 
 
 # ----------------------------------------------------------------------------------------------

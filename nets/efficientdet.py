@@ -17,6 +17,9 @@ box net is replaced by a point net, {"class": [[B, H_l, W_l, P * num_classes]], 
 BiFPN's outputs as {"stage1": P3, ...} at strides 8..128 (256 with P8). Anchors, box coding
 and post-processing are the detection task's, parametrised by the row's `task_metadata`.
 
+Weights convert from effdet's `tf_efficientdet_*` (`torch_name`) and from the official
+google/automl checkpoints (`official_name`: the Keras model's variable names, spec §19.1).
+
 Inits as the official Keras model: BiFPN kernels Glorot-uniform; head kernels variance
 scaling (1, fan-in, truncated normal) with Keras' fans for depthwise kernels; biases zero but
 the class predict bias, -log((1 - 0.01) / 0.01) (a prior of 0.01 per anchor and class).
@@ -177,6 +180,99 @@ def torch_name(path: str, config: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The official google/automl Keras model's variable names (efficientdet/tf2/efficientdet_keras.py
+# with the backbone of efficientdet/backbone/efficientnet_model.py; the same names as the TF1
+# graph, efficientdet_arch.py, whose checkpoints are the released ones). The Keras model is
+# named "", so names start at its layers: "efficientnet-b0/blocks_3/conv2d_1/kernel",
+# "fpn_cells/cell_0/fnode1/resample_0_2_6/conv2d/kernel", "class_net/class-0-bn-3/gamma".
+
+_KERAS_CONV = {"w": "kernel", "b": "bias"}
+_KERAS_BN = {"scale": "gamma", "offset": "beta", "mean": "moving_mean", "var": "moving_variance"}
+# Our separable conv's two halves: one Keras SeparableConv2D layer.
+_KERAS_SEPARABLE = {"conv_dw": {"w": "depthwise_kernel"},
+                    "conv_pw": {"w": "pointwise_kernel", "b": "bias"}}
+# Inside an official MBConv block, Keras numbers repeated layer names per block: conv2d,
+# conv2d_1 and tpu_batch_normalization, _1, _2 in creation order (expansion, depthwise,
+# projection); the stage-1 blocks (no expansion) start at the depthwise BN.
+_BLOCK_LAYERS = {  # ours -> (with an expansion conv, without)
+    "expand_conv": ("conv2d", None), "expand_bn": ("tpu_batch_normalization", None),
+    "dwconv": ("depthwise_conv2d", "depthwise_conv2d"),
+    "bn": ("tpu_batch_normalization_1", "tpu_batch_normalization"),
+    "se.reduce": ("se/conv2d", "se/conv2d"), "se.expand": ("se/conv2d_1", "se/conv2d_1"),
+    "project_conv": ("conv2d_1", "conv2d"),
+    "project_bn": ("tpu_batch_normalization_2", "tpu_batch_normalization_1")}
+
+
+def _leaves(layer: str, leaves: Mapping[str, str]) -> dict[str, str]:
+    return {ours: f"{layer}/{theirs}" for ours, theirs in leaves.items()}
+
+
+def _official_backbone(path: str, config: Mapping[str, Any]) -> dict[str, str]:
+    backbone = config.get("backbone", 0)
+    if not isinstance(backbone, int):
+        raise ValueError(f"a (width, depth) backbone {backbone} has no official name")
+    root = f"efficientnet-b{backbone}"
+    if path in ("stem_conv", "stem_bn"):
+        layer = "conv2d" if path == "stem_conv" else "tpu_batch_normalization"
+        return _leaves(f"{root}/stem/{layer}", _KERAS_CONV if path == "stem_conv" else _KERAS_BN)
+    m = re.fullmatch(r"block(\d+)([a-z])\.(.+)", path)
+    if not m or m[3] not in _BLOCK_LAYERS:
+        raise ValueError(f"no official name for backbone.{path}")
+    stage, depth = int(m[1]) - 1, efficientnet.SCALING[backbone][1]
+    # The official blocks are numbered blocks_0, blocks_1, ... across all stages.
+    index = sum(efficientnet.round_repeats(s[1], depth) for s in efficientnet.B0_STAGES[:stage])
+    index += ord(m[2]) - ord("a")
+    layer = _BLOCK_LAYERS[m[3]][0 if efficientnet.B0_STAGES[stage][4] != 1 else 1]
+    leaves = (_KERAS_BN if "batch_normalization" in layer
+              else {"w": "depthwise_kernel"} if layer == "depthwise_conv2d" else _KERAS_CONV)
+    return _leaves(f"{root}/blocks_{index}/{layer}", leaves)
+
+
+def official_name(path: str, config: Mapping[str, Any]) -> dict[str, str | list[str]]:
+    """Our dotted module path -> {our leaf: the official Keras model's variable name}; the
+    fusion weights (one vector of ours) map to the official per-input scalars [WSM, WSM_1, ...].
+    `nets.convert.from_efficientdet_official` / `to_efficientdet_official` use it."""
+    if path.startswith("backbone."):
+        return _official_backbone(path.removeprefix("backbone."), config)
+    min_level, max_level = config.get("min_level", 3), config.get("max_level", 7)
+    m = re.fullmatch(r"fpn\.resample_p(\d+)\.(conv|bn)", path)
+    if m:  # P6 from C5 (P7, P8 are max-pools without parameters)
+        return _leaves(f"resample_p{m[1]}/{'conv2d' if m[2] == 'conv' else 'bn'}",
+                       _KERAS_CONV if m[2] == "conv" else _KERAS_BN)
+    m = re.fullmatch(r"fpn\.cell_(\d+)\.node_(\d+)(.*)", path)
+    if m:
+        k, rest = int(m[2]), m[3]
+        _, inputs = bifpn.node_graph(min_level, max_level)[k]
+        node = f"fpn_cells/cell_{m[1]}/fnode{k}"
+        # The official layers are named after the number of maps when the node is built: the
+        # cell's inputs (one per level) plus the nodes before it.
+        built = max_level - min_level + 1 + k
+        if rest == "":  # the fusion weights: one scalar variable per input
+            return {"fusion_weights": [f"{node}/WSM" + (f"_{i}" if i else "")
+                                       for i in range(len(inputs))]}
+        r = re.fullmatch(r"\.resample_(\d+)\.(conv|bn)", rest)
+        if r:  # ours are keyed by input id, theirs by position, input id and `built`
+            layer = f"{node}/resample_{inputs.index(int(r[1]))}_{r[1]}_{built}"
+            return _leaves(f"{layer}/{'conv2d' if r[2] == 'conv' else 'bn'}",
+                           _KERAS_CONV if r[2] == "conv" else _KERAS_BN)
+        if rest == ".bn":
+            return _leaves(f"{node}/op_after_combine{built}/bn", _KERAS_BN)
+        r = re.fullmatch(r"\.conv\.(conv_dw|conv_pw)", rest)
+        if r:
+            return _leaves(f"{node}/op_after_combine{built}/conv", _KERAS_SEPARABLE[r[1]])
+    m = re.fullmatch(r"(class|box)_net\.(?:conv_rep_(\d+)\.(conv_\w+)|bn_rep_(\d+)_(\d+)"
+                     r"|predict\.(conv_\w+))", path)
+    if m:
+        net, kind = f"{m[1]}_net", m[1]
+        if m[4] is not None:  # a BN per (repeat, level), named with the level itself
+            return _leaves(f"{net}/{kind}-{m[4]}-bn-{min_level + int(m[5])}", _KERAS_BN)
+        sep, part = (f"{kind}-{m[2]}", m[3]) if m[2] is not None else (f"{kind}-predict", m[6])
+        if part in _KERAS_SEPARABLE:
+            return _leaves(f"{net}/{sep}", _KERAS_SEPARABLE[part])
+    raise ValueError(f"no official EfficientDet name for {path!r}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Variants: the official `efficientdet_model_param_dict` (../shared/reference/efficientdet_spec.md
 # §1): (backbone, input px, BiFPN width, cells, head repeats, anchor scale, max level, fusion).
 # Parameter counts (90 classes) and BN statistic elements: effdet's `tf_efficientdet_*`, equal
@@ -216,7 +312,7 @@ def _variant(key: str) -> ModelInfo:
         task_metadata=dict(image_size=size, min_level=3, max_level=max_level,
                            anchor_scale=anchor_scale, num_scales=NUM_SCALES,
                            aspect_ratios=ASPECT_RATIOS, num_classes=90),
-        torch_name=torch_name)
+        torch_name=torch_name, official_name=official_name)
 
 
 def _keypoint_variant() -> ModelInfo:
@@ -232,7 +328,7 @@ def _keypoint_variant() -> ModelInfo:
         reference_params=None, reference_bn_stat_elems=None, task="keypoints",
         task_metadata=dict(image_size=512, min_level=3, max_level=7, levels=(3,),
                            points_per_cell=1, num_classes=1),
-        torch_name=None)
+        torch_name=None, official_name=None)
 
 
 VARIANTS = (*(_variant(k) for k in ROWS), _keypoint_variant())

@@ -82,9 +82,11 @@ class ModelInfo:
     # of the reference (for `nets.convert.from_keras`).
     keras_name: Callable[[str, Mapping[str, Any]], str] | None = None
     keras_builder: str | None = None
-    # Likewise our module path -> the official NFNet code's module name(s), for
-    # `nets.convert.from_nfnet_official` / `to_nfnet_official`; None where it does not apply.
-    official_name: Callable[[str, Mapping[str, Any]], str | list[str]] | None = None
+    # Likewise our module path -> the official code's names: the official NFNet's module
+    # name(s) (`nets.convert.from_nfnet_official`), or {our leaf: variable name(s)} of the
+    # official EfficientDet Keras model (`nets.convert.from_efficientdet_official`); None where
+    # it does not apply.
+    official_name: Callable[[str, Mapping[str, Any]], Any] | None = None
 
 
 def module_path(haiku_path: str) -> str:

@@ -273,3 +273,122 @@ def test_the_outputs_feed_the_detection_primitives_anchor_for_anchor():
     assert rows == anchors.shape[0] == sum(x.shape[1] * x.shape[2] * x.shape[3] // 4
                                            for x in out["box"])
     assert loss.total.shape == () and found.boxes.shape == (batch, 100, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official google/automl Keras model's variable names (spec §19.1), for its checkpoints.
+
+
+def _official_names(name):
+    """{official name: shape} of every leaf (zero-size views: nothing is allocated) and the
+    number of names the leaves should give (a fusion weight vector is one scalar per input)."""
+    params, state = _trees(name)
+    zeros = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), (params, state))
+    official = nets.convert.to_efficientdet_official(name, *zeros)
+    expected = sum(len(v) if leaf == "fusion_weights" else 1 for tree in (params, state)
+                   for leaves in tree.values() for leaf, v in leaves.items())
+    return {k: v.shape for k, v in official.items()}, expected, count(params) + count(state)
+
+
+@pytest.mark.parametrize("key", ["d0", "d7x"])
+def test_every_leaf_has_its_own_official_name(key):
+    names, expected, elements = _official_names(f"efficientdet_{key}")
+    assert len(names) == expected  # distinct: none collapsed into another
+    assert sum(math.prod(s) for s in names.values()) == elements
+    assert not [n for n in names if n.startswith(("resample_p7", "resample_p8"))]  # max-pools
+    if key == "d7x":  # P3-P8: fnode k of a 6-level cell is built on 6 + k maps; "sum" fusion
+        assert "fpn_cells/cell_7/fnode9/op_after_combine15/conv/pointwise_kernel" in names
+        assert names["fpn_cells/cell_0/fnode4/resample_0_0_10/conv2d/kernel"] == (1, 1, 80, 384)
+        assert names["fpn_cells/cell_0/fnode6/resample_0_2_12/bn/gamma"] == (384,)
+        assert "class_net/class-4-bn-8/moving_variance" in names
+        assert "efficientnet-b7/blocks_54/tpu_batch_normalization_2/gamma" in names
+        assert not [n for n in names if "WSM" in n or "blocks_55" in n]
+
+
+def test_official_names_of_d0_are_the_spec_patterns():
+    names, _, _ = _official_names("efficientdet_d0")
+    literal = {
+        "resample_p6/conv2d/kernel": (1, 1, 320, 64), "resample_p6/bn/moving_mean": (64,),
+        # first-cell resamples: resample_{position}_{input id}_{5 + node}, C5 -> fnode1 ...
+        "fpn_cells/cell_0/fnode1/resample_0_2_6/conv2d/kernel": (1, 1, 320, 64),
+        "fpn_cells/cell_0/fnode2/resample_0_1_7/bn/gamma": (64,),
+        "fpn_cells/cell_0/fnode3/resample_0_0_8/conv2d/bias": (64,),
+        "fpn_cells/cell_0/fnode4/resample_0_1_9/conv2d/kernel": (1, 1, 112, 64),
+        "fpn_cells/cell_0/fnode5/resample_0_2_10/bn/moving_variance": (64,),
+        "fpn_cells/cell_2/fnode4/WSM_2": (), "fpn_cells/cell_0/fnode0/WSM": (),
+        "fpn_cells/cell_1/fnode0/op_after_combine5/conv/depthwise_kernel": (3, 3, 64, 1),
+        "fpn_cells/cell_1/fnode7/op_after_combine12/conv/pointwise_kernel": (1, 1, 64, 64),
+        "fpn_cells/cell_1/fnode7/op_after_combine12/bn/beta": (64,),
+        "class_net/class-0/depthwise_kernel": (3, 3, 64, 1),
+        "class_net/class-0-bn-3/gamma": (64,), "class_net/class-2-bn-7/moving_mean": (64,),
+        "class_net/class-predict/bias": (810,),
+        "box_net/box-predict/pointwise_kernel": (1, 1, 64, 36), "box_net/box-1/bias": (64,),
+        "efficientnet-b0/stem/conv2d/kernel": (3, 3, 3, 32),
+        "efficientnet-b0/stem/tpu_batch_normalization/beta": (32,),
+        # blocks_0 has no expansion: depthwise, BN, SE, projection conv2d, BN _1
+        "efficientnet-b0/blocks_0/depthwise_conv2d/depthwise_kernel": (3, 3, 32, 1),
+        "efficientnet-b0/blocks_0/conv2d/kernel": (1, 1, 32, 16),
+        "efficientnet-b0/blocks_0/tpu_batch_normalization_1/moving_variance": (16,),
+        "efficientnet-b0/blocks_1/conv2d/kernel": (1, 1, 16, 96),
+        "efficientnet-b0/blocks_1/tpu_batch_normalization/gamma": (96,),
+        "efficientnet-b0/blocks_1/se/conv2d/kernel": (1, 1, 96, 4),
+        "efficientnet-b0/blocks_1/se/conv2d_1/bias": (96,),
+        "efficientnet-b0/blocks_1/conv2d_1/kernel": (1, 1, 96, 24),
+        "efficientnet-b0/blocks_1/tpu_batch_normalization_2/beta": (24,),
+        "efficientnet-b0/blocks_15/depthwise_conv2d/depthwise_kernel": (3, 3, 1152, 1)}
+    assert {k: names.get(k) for k in literal} == literal
+    assert "efficientnet-b0/blocks_16/conv2d/kernel" not in names
+    assert not [n for n in names if "fnode0/resample" in n or "cell_1/fnode1/resample" in n]
+
+
+REDUCED = dict(fpn_width=32, fpn_cells=2, head_repeats=2)
+
+
+def _random_official(num_classes=10):
+    params, state = nets.introspect.shapes("efficientdet_d0", num_classes, **REDUCED)
+    rng = np.random.default_rng(0)
+    params, state = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                 (params, state))
+    official = nets.convert.to_efficientdet_official("efficientdet_d0", params, state, **REDUCED)
+    return params, state, official
+
+
+def test_official_round_trip_with_ema_copies_and_training_variables():
+    params, state, official = _random_official()
+    from_official = nets.convert.from_efficientdet_official
+    back = from_official("efficientdet_d0", official, **REDUCED)  # num_classes: the file's, 10
+    jax.tree.map(np.testing.assert_array_equal, back, (params, state))
+    # A checkpoint as tf.train.load_checkpoint lists it: the EMA copies (loaded by default, as
+    # the official evaluation does), the raw variables, optimizer slots and global_step; or
+    # Keras' variable names, with ":0".
+    ckpt = {"global_step": np.int64(7),
+            **{k: np.zeros_like(v) for k, v in official.items()},
+            **{f"{k}/Momentum": np.zeros_like(v) for k, v in official.items()},
+            **{f"{k}/ExponentialMovingAverage": v for k, v in official.items()}}
+    jax.tree.map(np.testing.assert_array_equal,
+                 from_official("efficientdet_d0", ckpt, **REDUCED), (params, state))
+    raw, _ = from_official("efficientdet_d0", ckpt, ema=False, **REDUCED)
+    assert not np.any(raw["efficientdet/fpn/cell_1/node_4"]["fusion_weights"])
+    partial = {k: v for k, v in ckpt.items() if k != "box_net/box-1/bias/ExponentialMovingAverage"}
+    with pytest.raises(ValueError, match=r"missing \(1\): box_net/box-1/bias/Exponential"):
+        from_official("efficientdet_d0", partial, **REDUCED)
+    keras = {f"{k}:0": v for k, v in official.items()}
+    jax.tree.map(np.testing.assert_array_equal,
+                 from_official("efficientdet_d0", keras, **REDUCED), (params, state))
+
+
+def test_official_names_that_do_not_fit_are_listed():
+    _, _, official = _random_official()
+    gone = "fpn_cells/cell_1/fnode4/WSM_2"
+    broken = {k: v for k, v in official.items() if k != gone}
+    broken["fpn_cells/cell_2/fnode0/WSM"] = np.float32(1)
+    with pytest.raises(ValueError, match=r"(?s)official EfficientDet checkpoint into "
+                       r"efficientdet_d0 .*missing \(1\): fpn_cells/cell_1/fnode4/WSM_2 "
+                       r".*unexpected \(1\): fpn_cells/cell_2/fnode0/WSM"):
+        nets.convert.from_efficientdet_official("efficientdet_d0", broken, **REDUCED)
+    with pytest.raises(ValueError, match="no ExponentialMovingAverage copies"):
+        nets.convert.from_efficientdet_official("efficientdet_d0", official, ema=True, **REDUCED)
+    with pytest.raises(ValueError, match="not an EfficientDet with an official"):
+        nets.convert.from_efficientdet_official("efficientdet_d0_keypoints", official)
+    with pytest.raises(ValueError, match="not an NFNet"):
+        nets.convert.from_nfnet_official("efficientdet_d0", official)

@@ -3,13 +3,19 @@
     python -m tools.convert --from torch resnet50.pth --model resnet50 --out resnet50.safetensors
     python -m tools.convert --from keras mobilenet.h5 --model mobilenet_v1 --out mnv1.safetensors
     python -m tools.convert --from nfnet F0_flat.npz --model nfnet_f0 --out nfnet_f0.safetensors
+    python -m tools.convert --from efficientdet efficientdet-d0 --model efficientdet_d0 \
+        --out efficientdet_d0.safetensors
     python -m tools.convert --from checkpoint WORKDIR --out run.safetensors [--ema]
 
 Sources: torch, a PyTorch state dict of the model's torchvision / timm reference (.pth / .pt,
 read with `torch.load(weights_only=True)`, or .safetensors); keras, a keras.applications file
 (.h5 or .keras); nfnet, a flat .npz (or .safetensors) of the official NFNet Haiku tree; checkpoint,
-a workdir of `train.py`. Nothing is unpickled: the official NFNet releases ("F0_haiku.npz") are
-dill pickles despite their suffix and are refused with the one-off command that flattens them.
+a workdir of `train.py`; efficientdet, an official google/automl EfficientDet checkpoint (a TF
+checkpoint's directory or prefix, read with TensorFlow, or a flat .npz / .safetensors of
+{variable name: array}): its ExponentialMovingAverage weights where it has them, as the official
+evaluation (--ema: required). Nothing is unpickled: the official NFNet releases
+("F0_haiku.npz") are dill pickles despite their suffix and are refused with the one-off command
+that flattens them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,20 @@ def _read_npz(src: str) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
+def _read_tf_checkpoint(src: str) -> dict[str, np.ndarray]:
+    """{variable name: array} of a TF checkpoint (a directory with a `checkpoint` file, or a
+    prefix such as efficientdet-d0/model)."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(f"{src} is a TF checkpoint, which needs TensorFlow to read "
+                          "(pip install tensorflow-cpu), or pass a flat .npz") from e
+    if os.path.isdir(src):
+        src = tf.train.latest_checkpoint(src) or src
+    reader = tf.train.load_checkpoint(src)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
 def _keras_overrides(model: str, params) -> dict:
     """from_keras converts a "notop" MobileNetV3 file for pre_logits=False without returning
     that option; the saved file must record it to be loadable."""
@@ -61,16 +81,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True,
-                        choices=("torch", "keras", "nfnet", "checkpoint"))
+                        choices=("torch", "keras", "nfnet", "efficientdet", "checkpoint"))
     parser.add_argument("src", help="the weights file (or, for checkpoint, the workdir)")
     parser.add_argument("--model", help="a registered name (nets.list_models()); for "
                                         "checkpoint, the run's model")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="the head's width (default: the source's)")
-    parser.add_argument("--ema", action="store_true", help="checkpoint: the EMA weights")
+    parser.add_argument("--ema", action="store_true",
+                        help="checkpoint, efficientdet: the EMA weights")
     args = parser.parse_args(argv)
-    if not os.path.exists(args.src):
+    if not (os.path.exists(args.src) or os.path.exists(f"{args.src}.index")):  # a TF prefix
         parser.error(f"no such file or directory: {args.src}")
     if args.source != "checkpoint" and not args.model:
         parser.error(f"--from {args.source} needs --model")
@@ -90,6 +111,11 @@ def main(argv=None) -> dict:
         overrides = _keras_overrides(model, params)
     elif args.source == "nfnet":
         params, state = convert.from_nfnet_official(model, _read_npz(args.src), args.num_classes)
+    elif args.source == "efficientdet":
+        tensors = (_read_npz(args.src) if args.src.endswith((".npz", ".safetensors"))
+                   else _read_tf_checkpoint(args.src))
+        params, state = convert.from_efficientdet_official(model, tensors, args.num_classes,
+                                                           ema=args.ema or None)
     else:
         source = weight_sources.read(args.src, ema=args.ema)
         if model and model != source.model:
