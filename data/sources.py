@@ -16,7 +16,7 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
-from data import builtin
+from data import builtin, builtin_detection
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -59,6 +59,8 @@ def _not_found(name: str, directory: str, reason: str) -> DatasetNotFoundError:
 def _builder(name: str, directory: str) -> tfds.core.DatasetBuilder:
     if _base_name(name) == builtin.NAME:
         builtin.prepare_builtin(directory)
+    elif _base_name(name) == builtin_detection.NAME:
+        builtin_detection.prepare(directory)
     try:
         builder = tfds.builder(name, data_dir=directory)
     except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, ValueError):

@@ -19,7 +19,8 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 def base() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with neutral defaults."""
     c = ml_collections.ConfigDict()
-    c.task = "classification"       # training/tasks.py: "classification" or "distillation"
+    c.task = "classification"       # training/tasks.py: "classification", "distillation" or
+                                    # "detection"
     c.model = ""
     c.model_kwargs = ml_collections.ConfigDict()  # keyword overrides for nets.create
 
@@ -50,6 +51,12 @@ def base() -> ml_collections.ConfigDict:
         skip_unreadable=False,      # True: replace undecodable train images by the next readable
                                     # example of the permutation (counted), mask them in eval
         max_image_pixels=89_478_485,  # larger images are unreadable (PIL's bomb limit); 0: none
+        # Detection (data/detection.py): the official EfficientDet input pipeline.
+        scale_min=0.1,              # scale jitter: the image fits r * train_size,
+        scale_max=2.0,              # r ~ U(scale_min, scale_max); then crop / pad to train_size
+        max_boxes=100,              # ground truth per image, padded (label -1) or truncated
+        eval_annotations="",        # a COCO instances json for the mAP's ground truth;
+                                    # "": built from the eval split (boxes as the dataset has them)
     ))
 
     c.batch_size = 256              # global, over all devices and hosts
@@ -71,8 +78,13 @@ def base() -> ml_collections.ConfigDict:
         agc_eps=1e-3,
         rms_decay=0.9,              # rmsprop only
         rms_eps=1e-3,
-        schedule="cosine",          # "cosine", "step" or "exponential"
+        schedule="cosine",          # "cosine", "cosine_global_step" (the official
+                                    # EfficientDet's), "step" or "exponential"
         warmup_epochs=0.0,
+        warmup_init=0.0,            # cosine_global_step: the warm-up's first lr, per
+                                    # lr_batch_base images like base_lr
+        grad_clip_norm=0.0,         # > 0 (sgd, rmsprop): each gradient clipped to this norm,
+                                    # then all of them to this global norm
         step_epochs=(30.0, 60.0, 80.0),   # "step": lr x step_factor at each
         step_factor=0.1,
         decay_epochs=2.4,           # "exponential": lr x decay_rate every decay_epochs (staircase)
@@ -98,6 +110,18 @@ def base() -> ml_collections.ConfigDict:
         teacher_ema=False,          # checkpoints: the teacher's EMA weights
         alpha=0.5,                  # weight of CE(student, targets); 1 - alpha: the soft term
         temperature=4.0,            # T: both softmaxes at logits / T; the soft term x T^2
+    ))
+
+    # Detection (training/detection.py): read by task "detection".
+    c.detection = ml_collections.ConfigDict(dict(
+        focal_alpha=0.25,           # the official loss (detection/losses.py)
+        focal_gamma=1.5,
+        huber_delta=0.1,
+        box_loss_weight=50.0,
+        iou_loss_type="",           # "": none; "iou", "giou", "diou" or "ciou" (added x weight)
+        iou_loss_weight=1.0,
+        nms="gaussian",             # evaluation: "gaussian" (soft-NMS, the official COCO
+                                    # evaluation) or "hard" (IoU 0.5), per class, top 100
     ))
 
     # ((field, what to pass), ...): fields this experiment cannot run without; an empty one

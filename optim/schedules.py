@@ -27,6 +27,24 @@ def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, end: float
     return schedule
 
 
+def warmup_cosine_global_step(peak: float, warmup_steps: float, total_steps: int,
+                              warmup_init: float = 0.0):
+    """The official EfficientDet schedule (automl's CosineLrSchedule): a linear warm-up from
+    `warmup_init` to `peak` over `warmup_steps`, then 0.5 * peak * (1 + cos(pi * t / (T - W)))
+    with t the global step, not t - W: the cosine starts a little below the peak and reaches 0
+    at t = T - W; the last W steps climb back up its far side, as the official code does."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * t / (total_steps - warmup_steps)))
+        if warmup_steps <= 0:
+            return cosine
+        warmup = warmup_init + t / warmup_steps * (peak - warmup_init)
+        return jnp.where(t < warmup_steps, warmup, cosine)
+
+    return schedule
+
+
 def warmup_step_decay(peak: float, warmup_steps: float, boundaries, factor: float = 0.1):
     """Linear warm-up from 0 to `peak` over `warmup_steps` (none if 0), then `peak` multiplied
     by `factor` at each step in `boundaries` (the ResNet recipe: x0.1 at epochs 30, 60, 80)."""

@@ -37,8 +37,12 @@ def test_config_is_complete_and_buildable(name, arg):
     info = nets.model_info(config.model)
     nets.check_overrides(info, config.model_kwargs.to_dict())
     if arg == "local":
-        assert config.data.name == "sklearn_digits" and config.data.num_classes == 10
-        assert config.data.train_size <= 64 and config.data.randaugment_layers == 0
+        if info.task == "detection":   # digits pasted on 128 px canvases
+            assert config.data.name == "sklearn_digits_detection"
+            assert config.data.train_size == 128
+        else:
+            assert config.data.name == "sklearn_digits" and config.data.train_size <= 64
+        assert config.data.num_classes == 10 and config.data.randaugment_layers == 0
         assert config.model == load(name).model       # the architecture is kept
 
 

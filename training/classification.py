@@ -120,6 +120,15 @@ def final_line(label: str, result) -> str:
             f"top-5 {100 * result['top5']:.2f}%")
 
 
+def _eval_sums(config, model):
+    return eval_sums(model)
+
+
+def _summarize(total, config):
+    return summarize(total)
+
+
 TASK = Task(name="classification", validate=validate, objective=_objective,
-            train_data=train_data, eval_data=eval_data, eval_sums=eval_sums, summarize=summarize,
+            train_data=train_data, eval_data=eval_data, eval_sums=_eval_sums,
+            summarize=_summarize,
             train_line=train_line, eval_line=eval_line, final_line=final_line)

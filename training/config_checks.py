@@ -78,6 +78,8 @@ def _optimizer(config) -> list[str]:
     found += _at_least("optimizer.weight_decay", cfg.weight_decay, 0)
     found += _fraction("optimizer.momentum", cfg.momentum, "0 is plain SGD, 1 never forgets")
     found += _at_least("optimizer.warmup_epochs", cfg.warmup_epochs, 0)
+    found += _at_least("optimizer.warmup_init", cfg.warmup_init, 0)
+    found += _at_least("optimizer.grad_clip_norm", cfg.grad_clip_norm, 0, " (0: no clipping)")
     # With num_steps > 0 (a short or smoke run of a recipe) the warm-up may outlast the run.
     if config.num_steps == 0 and 0 < config.num_epochs <= cfg.warmup_epochs:
         found.append(f"config.optimizer.warmup_epochs={cfg.warmup_epochs!r} is not shorter than "

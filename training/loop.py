@@ -205,24 +205,29 @@ class Results(NamedTuple):
     preempted: bool = False
 
 
+def _add(total, out):
+    return out if total is None else jax.tree.map(jnp.add, total, out)
+
+
 def evaluate_variables(batches, eval_fn, variables: dict, mesh, stop=lambda: False,
-                       on_batch=None) -> dict | None:
-    """{name: the sums `eval_fn` gives, added over `batches` (host-local eval batches)} for
+                       on_batch=None, combine=None) -> dict | None:
+    """{name: the outputs `eval_fn` gives, added over `batches` (host-local eval batches)} for
     each {name: (params, model_state)}, fetched to the host; None when `stop()` (asked between
-    batches, the same on every process) says to stop. `on_batch(local_batch)` follows each
-    batch (e.g. a progress bar). The trainer's evaluation and tools.evaluate both run here."""
-    sums = {name: None for name in variables}
+    batches, the same on every process) says to stop. `combine(collected, outputs)` replaces
+    the addition (a task's `eval_combine`). `on_batch(local_batch)` follows each batch (e.g. a
+    progress bar). The trainer's evaluation and tools.evaluate both run here."""
+    combine = combine or _add
+    collected = {name: None for name in variables}
     sharding = distributed.batch_sharded(mesh)
     for local in batches:
         if stop():
             return None
         batch = distributed.global_batch(local, sharding)
         for name, (params, model_state) in variables.items():
-            out = eval_fn(params, model_state, batch)
-            sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
+            collected[name] = combine(collected[name], eval_fn(params, model_state, batch))
         if on_batch is not None:
             on_batch(local)
-    return jax.device_get(sums)
+    return jax.device_get(collected)
 
 
 def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh,
@@ -234,11 +239,12 @@ def evaluate(task: tasks.Task, config, eval_fn, state: TrainState, mesh,
         variants["ema"] = (state.ema_params, state.ema_model_state)
     batches = task.eval_data(config, process_index=jax.process_index(),
                              process_count=jax.process_count())
-    summed = evaluate_variables(batches, eval_fn, variants, mesh, stop)
+    summed = evaluate_variables(batches, eval_fn, variants, mesh, stop,
+                                combine=task.eval_combine)
     if summed is None:
         return None
-    return Evaluation(task.summarize(summed["params"]),
-                      task.summarize(summed["ema"]) if "ema" in summed else None)
+    return Evaluation(task.summarize(summed["params"], config),
+                      task.summarize(summed["ema"], config) if "ema" in summed else None)
 
 
 def _check_finite(step_metrics: dict, step: int, ckpt: checkpoint.Checkpoints) -> None:
@@ -357,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
                                     ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
                                     extra=extra)
         extra_args = (objective.extra,) if extra else ()
-        eval_fn = steps.eval_step(task.eval_sums(model), mesh)
+        eval_fn = steps.eval_step(task.eval_sums(config, model), mesh)
         sharding = distributed.batch_sharded(mesh)
         preemption = _Preemption()
         cleanup.callback(preemption.restore)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 _MODULES = {
     "classification": "training.classification",
     "distillation": "training.distill",
+    "detection": "training.detection",
 }
 
 
@@ -34,9 +35,10 @@ class Task(NamedTuple):
     train_data: Callable
     # (config, *, process_index, process_count) -> an iterable of host-local eval batches.
     eval_data: Callable
-    # model -> (params, model_state, batch) -> sums over the batch's unmasked examples.
+    # (config, model) -> (params, model_state, batch) -> the batch's eval outputs: sums over
+    # its unmasked examples, or what `eval_combine` collects.
     eval_sums: Callable
-    # summed eval outputs (numpy) -> the result dict.
+    # (the eval outputs summed or collected, on the host; config) -> the result dict.
     summarize: Callable
     # means of the train metrics since the last report -> the task's part of the progress line.
     train_line: Callable
@@ -44,6 +46,9 @@ class Task(NamedTuple):
     eval_line: Callable
     # (label, result) -> the run's closing line, e.g. "test accuracy (EMA params): ...".
     final_line: Callable
+    # (collected so far or None, one batch's eval outputs) -> collected; None: the outputs are
+    # summed on the devices (e.g. detection keeps its detections instead, for COCO mAP).
+    eval_combine: Callable | None = None
 
 
 def names() -> list[str]:
