@@ -101,6 +101,8 @@ def base() -> ml_collections.ConfigDict:
                                     # that fit by name and shape (else an error)
     c.freeze = ()                   # regexes re.match-ed against module paths without the
                                     # root ("layer1_0.conv1"); zero updates, BN stats kept
+    c.bn_eval = False               # True: every BatchNorm uses its running statistics in
+                                    # training too, and keeps them (small-batch fine-tuning)
 
     # Knowledge distillation (training/distill.py): read by task "distillation".
     c.distill = ml_collections.ConfigDict(dict(

@@ -312,7 +312,8 @@ def _variant(key: str) -> ModelInfo:
         task_metadata=dict(image_size=size, min_level=3, max_level=max_level,
                            anchor_scale=anchor_scale, num_scales=NUM_SCALES,
                            aspect_ratios=ASPECT_RATIOS, num_classes=90),
-        torch_name=torch_name, official_name=official_name)
+        torch_name=torch_name, official_name=official_name,
+        backbone=f"efficientnet_b{backbone}")
 
 
 def _keypoint_variant() -> ModelInfo:

@@ -417,6 +417,22 @@ def fused(fusion: Fusion | None):
         _FUSION.reset(token)
 
 
+_BATCH_NORM_EVAL: contextvars.ContextVar[bool] = contextvars.ContextVar("batch_norm_eval",
+                                                                     default=False)
+
+
+@contextlib.contextmanager
+def batch_norm_eval(enabled: bool = True):
+    """BatchNorms built inside normalise with their running statistics, and leave them as they
+    are, even with is_training=True (mmdetection's `norm_eval`: fine-tuning on batches too
+    small for their own statistics); dropout and stochastic depth still train."""
+    token = _BATCH_NORM_EVAL.set(enabled)
+    try:
+        yield
+    finally:
+        _BATCH_NORM_EVAL.reset(token)
+
+
 def gains_folded_bias(conv_module_name: str) -> bool:
     fusion = _FUSION.get()
     return fusion is not None and conv_module_name in fusion.convs
@@ -462,7 +478,7 @@ class BatchNorm(hk.Module):
         running_mean = hk.get_state("mean", (c,), jnp.float32, init=jnp.zeros)
         running_var = hk.get_state("var", (c,), jnp.float32, init=jnp.ones)
         xf = x.astype(jnp.float32)
-        if is_training:
+        if is_training and not _BATCH_NORM_EVAL.get():
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)

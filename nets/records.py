@@ -87,6 +87,9 @@ class ModelInfo:
     # official EfficientDet Keras model (`nets.convert.from_efficientdet_official`); None where
     # it does not apply.
     official_name: Callable[[str, Mapping[str, Any]], Any] | None = None
+    # The classifier whose features this model's `backbone` module is (a detector's): its
+    # weights start the backbone (`training.transfer.as_backbone`, config.init_from).
+    backbone: str | None = None
 
 
 def module_path(haiku_path: str) -> str:

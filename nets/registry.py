@@ -83,17 +83,18 @@ def _fusion_of(name: str, num_classes: int, overrides: dict) -> layers.Fusion:
 
 
 def transformed(name: str, num_classes: int | None = None, *, fused: bool = False,
-                **overrides) -> hk.TransformedWithState:
+                bn_eval: bool = False, **overrides) -> hk.TransformedWithState:
     """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits.
     fused=True: the inference form with every BatchNorm folded into its conv, for the
-    parameters `nets.fusion.fuse` returns (eval mode only)."""
+    parameters `nets.fusion.fuse` returns (eval mode only). bn_eval=True: every BatchNorm
+    uses (and keeps) its running statistics in training too (`layers.batch_norm_eval`)."""
     check_overrides(model_info(name), overrides)
     if num_classes is None:
         num_classes = default_num_classes(name)
     fusing = _fusion_of(name, num_classes, overrides) if fused else None
 
     def forward(images, is_training: bool):
-        with layers.fused(fusing):
+        with layers.fused(fusing), layers.batch_norm_eval(bn_eval):
             return create(name, num_classes, **overrides)(images, is_training=is_training)
 
     return hk.transform_with_state(forward)

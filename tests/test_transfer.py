@@ -239,3 +239,52 @@ def test_weights_of_another_model_are_refused_unless_asked_for(tmp_path, source)
     else:
         with pytest.raises(loop.ConfigError, match="none of its arrays fits resnet18"):
             _load(_init_from_config(path, init_from_any_model=True))
+
+
+def test_a_detector_starts_from_its_backbone_classifiers_weights(tmp_path):
+    """efficientnet_b0 weights (the registry row's `backbone`) given as init_from to an
+    efficientdet_d0 run fill its backbone, BN statistics included; the classifier's top and head
+    are reported unexpected, the BiFPN and the heads stay fresh and are listed as such."""
+    assert nets.model_info("efficientdet_d0").backbone == "efficientnet_b0"
+    classifier = nets.transformed("efficientnet_b0")
+    params, state = random_variables(classifier, jnp.zeros((1, 64, 64, 3)), seed=3)
+    path = tmp_path / "b0.safetensors"
+    nets.weights.save(path, params, state, model="efficientnet_b0")
+    config = _init_from_config(path)
+    config.model, config.data.train_size = "efficientdet_d0", 64
+    model = nets.transformed(config.model, num_classes=10)
+    shapes = loop.Variables(*jax.eval_shape(loop._model_init(config, model), jax.random.key(0)))
+    loaded = loop._load_init_from(config, shapes).loaded
+
+    ours = {module_path(m): m for tree in (shapes.params, shapes.state) for m in tree}
+    backbone = [m for m in ours if m.startswith("backbone.")]
+    for collection, tree, saved in (("params", loaded.params, params),
+                                    ("state", loaded.state, state)):
+        for module, leaves in saved.items():
+            target = ours.get(f"backbone.{module_path(module)}")
+            for leaf, value in leaves.items():
+                if target is None:   # the classifier's top conv and head
+                    assert f"{collection}/{module}/{leaf}" in loaded.unexpected
+                else:
+                    np.testing.assert_array_equal(tree[target][leaf], value)
+    assert loaded.loaded == sum(len(shapes.params.get(ours[m], {})) +
+                                len(shapes.state.get(ours[m], {})) for m in backbone)
+    assert loaded.missing and all(module_path(n.split("/", 1)[1].rsplit("/", 1)[0])
+                                  .startswith(("fpn", "class_net", "box_net"))
+                                  for n in loaded.missing)
+
+
+def test_bn_eval_normalises_with_the_running_statistics_and_keeps_them():
+    """nets.transformed(..., bn_eval=True) (config.bn_eval): a training-mode forward equals the
+    eval-mode one and leaves the BatchNorm statistics as they were."""
+    images = jnp.asarray(np.random.RandomState(0).randn(2, SIZE, SIZE, 3), jnp.float32)
+    plain = nets.transformed("resnet18", num_classes=10)
+    params, state = random_variables(plain, images)
+    frozen = nets.transformed("resnet18", num_classes=10, bn_eval=True)
+    train_out, train_state = frozen.apply(params, state, None, images, is_training=True)
+    eval_out, _ = plain.apply(params, state, None, images, is_training=False)
+    np.testing.assert_allclose(train_out, eval_out, rtol=1e-5, atol=1e-5)
+    for name, value in flat(train_state).items():
+        np.testing.assert_array_equal(value, flat(state)[name], err_msg=name)
+    batch_out, _ = plain.apply(params, state, None, images, is_training=True)
+    assert np.abs(np.asarray(batch_out) - np.asarray(eval_out)).max() > 1e-2

@@ -130,9 +130,13 @@ def _load_init_from(config, shapes: Variables) -> InitFrom:
         # A PyTorch state dict is read as the reference of this run's model.
         source = weight_sources.read(config.init_from, model=config.model,
                                      ema=config.init_from_ema)
-        if source.model != config.model and not config.init_from_any_model:
+        backbone = nets.model_info(config.model).backbone
+        if source.model != config.model and source.model == backbone:
+            source = transfer.as_backbone(source, shapes.params, shapes.state)
+        elif source.model != config.model and not config.init_from_any_model:
             raise ValueError(
-                f"it holds {source.model} weights and this run builds {config.model}; set "
+                f"it holds {source.model} weights and this run builds {config.model}"
+                f"{f' (whose backbone is {backbone})' if backbone else ''}; set "
                 "config.init_from_any_model=True to load the arrays that fit by name and shape")
         head = nets.head_module(config.model, **config.model_kwargs.to_dict())
         loaded = transfer.merge(shapes.params, shapes.state, source, head=head,
@@ -295,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
     task = _validate(config, mesh)
     dtype = steps.compute_dtype(config.compute_dtype)
     model = nets.transformed(config.model, num_classes=config.data.num_classes,
-                             **config.model_kwargs.to_dict())
+                             bn_eval=config.bn_eval, **config.model_kwargs.to_dict())
     # Shapes only (nothing compiled): the checkpoint signature, the freeze masks and the checks
     # of init_from.
     shapes = Variables(*jax.eval_shape(_model_init(config, model), jax.random.key(0)))

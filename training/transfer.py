@@ -16,8 +16,12 @@ Freezing matches regular expressions (`re.match`) against module paths without t
 stem and stage 1, mmdetection's `frozen_stages=1` that GCNet's detection configs use. The
 optimizer zeroes the updates of frozen leaves (`training.optimizers.optimizer(frozen=...)`) and
 the train step keeps their BatchNorm running statistics (and EMA); frozen BatchNorm layers still
-normalise with the batch's statistics in training, unlike mmdetection's `norm_eval=True`, since a
-Haiku module has one `is_training` for the whole forward.
+normalise with the batch's statistics in training, unless config.bn_eval (mmdetection's
+`norm_eval=True`: every BatchNorm uses its running statistics, `nets.layers.batch_norm_eval`).
+
+A detector starts from its backbone classifier's weights (`as_backbone`; the registry row's
+`backbone`, e.g. efficientnet_b0 for efficientdet_d0): config.init_from names them, the rest
+of the detector starts fresh.
 """
 
 from __future__ import annotations
@@ -116,6 +120,21 @@ def merge(params, state, source: weight_sources.Source, *, head: str | None,
                           f"{tuple(head_shapes[1])} here")
     total = sum(len(leaves) for tree in (params, state) for leaves in tree.values())
     return Loaded(new_params, new_state, loaded, total, missing, head_fresh, unexpected)
+
+
+def as_backbone(source: weight_sources.Source, params, state, module: str = "backbone"
+                ) -> weight_sources.Source:
+    """A classifier's weights re-rooted under the model's `module` (a detector's backbone,
+    e.g. efficientnet_b0 -> efficientdet_d0's "backbone"), for `merge`: each source module goes
+    where the model has a module at `module` + its path; the rest (the classifier's head and
+    top) keeps its own name, so `merge` lists it as unexpected."""
+    ours = {module_path(m): m for tree in (params, state) for m in tree}
+
+    def reroot(tree):
+        return {ours.get(f"{module}.{module_path(m)}", m): leaves for m, leaves in tree.items()}
+
+    return source._replace(params=reroot(source.params), state=reroot(source.state),
+                           description=f"{source.description} as the {module}")
 
 
 class Masks(NamedTuple):
