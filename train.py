@@ -94,6 +94,7 @@ def main(argv):
             print(f"train.py: error: {line}", file=sys.stderr)
         sys.exit(2)
     except (data.DatasetNotFoundError, data.UnreadableImageError, data.ImageFolderError,
+            data.DetectionDataError,
             training.CheckpointMismatchError, training.CheckpointUnreadableError,
             training.NonFiniteLossError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -7,11 +7,13 @@ from data.builtin import prepare_builtin
 from data.classification import (check_num_classes, eval_batches, eval_preprocessor,
                                  num_train_examples, train_iterator)
 from data.decode import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError
+from data.detection import DetectionDataError
 from data.sources import DatasetNotFoundError, ImageFolderError, class_names, imagenet_classes
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetNotFoundError",
+    "DetectionDataError",
     "ImageFolderError",
     "UnreadableImageError",
     "check_num_classes",

@@ -37,7 +37,7 @@ def test_config_is_complete_and_buildable(name, arg):
     info = nets.model_info(config.model)
     nets.check_overrides(info, config.model_kwargs.to_dict())
     if arg == "local":
-        if info.task == "detection":   # digits pasted on 128 px canvases
+        if info.task in ("detection", "keypoints"):   # digits pasted on 128 px canvases
             assert config.data.name == "sklearn_digits_detection"
             assert config.data.train_size == 128
         else:
@@ -134,3 +134,67 @@ def test_decay_roles_select_parameters():
     c.optimizer.decay_roles = ("weight", "bogus")
     with pytest.raises(ValueError, match="bogus"):
         optimizers.optimizer(c.optimizer, "resnet18", params, 0.1)
+
+
+@pytest.mark.parametrize("key", ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x"])
+def test_efficientdet_recipe_is_the_official_one(key):
+    """efficientdet_spec.md §12-§13, written out from the official google/automl trainer."""
+    import math
+
+    from experiments.efficientdet import COCO_TRAIN_EXAMPLES
+    from nets.efficientdet import ROWS
+
+    c = load(f"efficientdet_{key}")
+    size = ROWS[key][1]
+    assert (c.task, c.model) == ("detection", f"efficientdet_{key}")
+    assert (c.data.name, c.data.num_classes) == ("coco/2017", 90)
+    assert (c.data.train_size, c.data.test_size) == (size, size)
+    assert (c.data.scale_min, c.data.scale_max, c.data.flip) == (0.1, 2.0, True)
+    assert (tuple(c.data.mean), tuple(c.data.std)) == (common.IMAGENET_MEAN,
+                                                       common.IMAGENET_STD)
+    assert c.batch_size == 128
+    assert c.num_epochs == (600 if key in ("d7", "d7x") else 300)
+    assert c.ema_decay == 0.9998 and c.label_smoothing == 0.0
+    d = c.detection
+    assert (d.focal_alpha, d.focal_gamma, d.huber_delta, d.box_loss_weight, d.iou_loss_type,
+            d.nms) == (0.25, 1.5, 0.1, 50.0, "", "gaussian")
+    o = c.optimizer
+    assert (o.name, o.momentum, o.nesterov) == ("sgd", 0.9, False)
+    assert (o.base_lr, o.lr_batch_base) == (0.08, 64)
+    assert o.weight_decay == 4e-5 and set(o.decay_roles) == {"weight", "classifier_weight"}
+    assert (o.schedule, o.warmup_epochs, o.warmup_init) == ("cosine_global_step", 1.0, 0.008)
+    assert o.grad_clip_norm == 10.0
+
+    # The schedule the run builds: peak 0.08 * 128 / 64 = 0.16; a one-epoch warm-up from
+    # 0.008 * 128 / 64 (the TF1 trainer scales the warm-up's start like the peak), then the
+    # cosine on the global step over T - W.
+    steps_per_epoch = COCO_TRAIN_EXAMPLES / c.batch_size
+    total = round(c.num_epochs * steps_per_epoch)
+    lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, total)
+    warmup = steps_per_epoch
+    assert float(lr(0)) == pytest.approx(0.016, rel=1e-6)
+    assert float(lr(warmup / 2)) == pytest.approx((0.016 + 0.16) / 2, rel=1e-5)
+    step = math.ceil(warmup)
+    assert float(lr(step)) == pytest.approx(
+        0.5 * 0.16 * (1 + math.cos(math.pi * step / (total - warmup))), rel=1e-5)
+    assert float(lr(total - warmup)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_efficientdet_weight_decay_reaches_conv_kernels_only():
+    """4e-5 on variables named *kernel / *weight (every conv kernel, depthwise and pointwise,
+    and the heads'), none on biases, BatchNorm or the BiFPN's fusion weights."""
+    import numpy as np
+
+    c = load("efficientdet_d0")
+    c.optimizer.grad_clip_norm = 0.0   # the decay term alone
+    shapes = nets.introspect.shapes("efficientdet_d0", 90)[0]
+    params = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
+    zeros = jax.tree.map(np.zeros_like, params)
+    tx = optimizers.optimizer(c.optimizer, "efficientdet_d0", params, lambda step: 1.0)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    decayed = {(m, leaf) for m in updates for leaf in updates[m]
+               if np.any(np.asarray(updates[m][leaf]) != 0)}
+    assert decayed == {(m, leaf) for m in params for leaf in params[m] if leaf == "w"}
+    assert len(decayed) == 150
+    np.testing.assert_allclose(updates["efficientdet/class_net/predict/conv_pw"]["w"], -4e-5,
+                               rtol=1e-6)

@@ -176,3 +176,85 @@ def test_exponential_schedule_warms_up_then_decays_in_stairs_from_step_zero():
     assert float(lr(72)) == pytest.approx(0.256 * 0.97 ** 3)
     smooth = optim.warmup_exponential_decay(1.0, 0, 10, 0.5, staircase=False)
     assert float(smooth(5)) == pytest.approx(0.5 ** 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official EfficientDet trainer's schedule and gradient clipping (efficientdet_spec.md §13).
+
+
+def _official_cosine_lr(step, peak, warmup, total, warmup_init):
+    """automl's CosineLrSchedule written out: the linear warm-up from warmup_init, then
+    0.5 * peak * (1 + cos(pi * t / (T - W))) on the global step t (not t - W)."""
+    t = np.asarray(step, np.float64)
+    linear = warmup_init + t / warmup * (peak - warmup_init)
+    cosine = 0.5 * peak * (1.0 + np.cos(np.pi * t / (total - warmup)))
+    return np.where(t < warmup, linear, cosine)
+
+
+def test_warmup_cosine_global_step_is_the_official_formula():
+    peak, warmup, total, init = 0.16, 62.5, 1000, 0.016
+    lr = optim.warmup_cosine_global_step(peak, warmup, total, init)
+    steps = np.arange(total + 1)
+    ours = np.asarray(jax.vmap(lr)(steps))
+    np.testing.assert_allclose(ours, _official_cosine_lr(steps, peak, warmup, total, init),
+                               rtol=2e-5, atol=1e-8)
+    assert float(lr(0)) == pytest.approx(init)
+    # The cosine on the global step starts below the peak right after the warm-up, reaches 0
+    # at T - W and climbs back over the last W steps; cosine(t - W) would be at the peak at W.
+    assert float(lr(63)) == pytest.approx(0.5 * peak * (1 + np.cos(np.pi * 63 / 937.5)),
+                                       rel=1e-5)
+    assert float(lr(63)) < 0.995 * peak
+    assert float(lr(937.5)) == pytest.approx(0.0, abs=1e-7)
+    assert float(lr(total)) == pytest.approx(0.5 * peak * (1 + np.cos(np.pi * 1000 / 937.5)),
+                                          rel=1e-5)
+    assert float(lr(total)) > float(lr(950))
+    # Without a warm-up it is the plain cosine over T.
+    plain = optim.warmup_cosine_global_step(peak, 0, total)
+    np.testing.assert_allclose(np.asarray(jax.vmap(plain)(steps)),
+                               0.5 * peak * (1 + np.cos(np.pi * steps / total)), rtol=2e-5,
+                               atol=1e-8)
+
+
+@pytest.mark.parametrize("scales", [(0.1, 3.0, 20.0, 0.5, 0.0), (0.01, 0.2, 0.05, 0.1, 0.0)],
+                         ids=["global_clip_acts", "nothing_clipped"])
+def test_clip_each_then_global_equals_tensorflow(scales):
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 4, 8), (8,), (16, 5), (2, 3, 3, 4), (7,)]
+    grads = [(rng.normal(size=s) * k).astype(np.float32) for s, k in zip(shapes, scales)]
+    norms = [np.linalg.norm(g) for g in grads]
+    if scales[2] == 20.0:   # some tensors above the norm, some below
+        assert max(norms) > 10 and min(n for n in norms if n > 0) < 10
+    expected = [tf.clip_by_norm(tf.constant(g), 10.0) for g in grads]
+    expected, _ = tf.clip_by_global_norm(expected, 10.0)
+    tree = {f"g{i}": jnp.asarray(g) for i, g in enumerate(grads)}
+    tx = optim.clip_each_then_global(10.0)
+    clipped, _ = tx.update(tree, tx.init(tree))
+    for i, e in enumerate(expected):
+        np.testing.assert_allclose(clipped[f"g{i}"], e.numpy(), rtol=1e-6, atol=1e-7)
+    total = np.sqrt(sum(np.sum(np.asarray(v) ** 2) for v in clipped.values()))
+    assert total <= 10.0 * (1 + 1e-6)
+
+
+def test_grad_clip_norm_clips_the_decayed_gradient():
+    """Weight decay is part of the gradient that is clipped (the L2 term of the official loss):
+    a zero gradient with a large decayed weight is clipped, not passed through."""
+    from experiments import common
+    from training import optimizers
+
+    cfg = common.base().optimizer
+    cfg.update(dict(name="sgd", momentum=0.0, nesterov=False, weight_decay=0.1,
+                    decay_roles=("weight",), grad_clip_norm=1.0))
+    params = {"conv": {"w": jnp.full((3,), 100.0)}, "bn": {"scale": jnp.ones((2,))}}
+    grads = {"conv": {"w": jnp.zeros((3,))}, "bn": {"scale": jnp.full((2,), 0.5)}}
+    tx = optimizers.optimizer(cfg, "resnet18", params, lambda step: 1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # By hand: decay (weights only), each tensor to norm 1, then all to global norm 1.
+    g = {"w": 0.1 * np.full(3, 100.0), "scale": np.full(2, 0.5)}
+    g = {k: v * min(1.0, 1.0 / np.linalg.norm(v)) for k, v in g.items()}
+    total = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+    g = {k: v * min(1.0, 1.0 / total) for k, v in g.items()}
+    np.testing.assert_allclose(updates["conv"]["w"], -g["w"], rtol=1e-6)
+    np.testing.assert_allclose(updates["bn"]["scale"], -g["scale"], rtol=1e-6)
+    # Clipping before the decay would have left the decay term -0.1 * 100 = -10 whole.
+    assert np.all(np.abs(np.asarray(updates["conv"]["w"])) < 1.0)

@@ -18,8 +18,8 @@ def test_config_task_picks_the_task_module():
     assert tasks.get("classification") is classification.TASK
     assert tasks.get("distillation") is distill.TASK
     # Distillation is classification with another objective: the same data, eval and reports.
-    same = ("train_data", "eval_data", "eval_sums", "summarize", "train_line", "eval_line",
-            "final_line")
+    same = ("train_data", "num_train_examples", "eval_data", "eval_sums", "summarize",
+            "train_line", "eval_line", "final_line")
     assert all(getattr(distill.TASK, f) is getattr(classification.TASK, f) for f in same)
     assert distill.TASK.objective is not classification.TASK.objective
     assert common.base().task == "classification"
@@ -35,7 +35,8 @@ def test_an_unknown_task_is_a_config_error_before_any_data(tmp_path):
 
 
 # The words of one task, to find in the output of task-free code.
-STUB = tasks.Task(name="stub", validate=None, objective=None, train_data=None, eval_data=None,
+STUB = tasks.Task(name="stub", validate=None, objective=None, train_data=None,
+                  num_train_examples=None, eval_data=None,
                   eval_sums=None, summarize=None,
                   train_line=lambda means: f"stub-train {means['hits']:.2f}",
                   eval_line=lambda result: f"stub-eval {result['score']:.3f}",

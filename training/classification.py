@@ -60,6 +60,10 @@ def train_data(config, *, process_index: int, process_count: int):
                                process_index=process_index, process_count=process_count)
 
 
+def num_train_examples(config) -> int:
+    return data.num_train_examples(config.data)
+
+
 def eval_data(config, *, process_index: int, process_count: int):
     return data.eval_batches(config.data, global_batch=config.eval_batch_size,
                              process_index=process_index, process_count=process_count)
@@ -129,6 +133,7 @@ def _summarize(total, config):
 
 
 TASK = Task(name="classification", validate=validate, objective=_objective,
-            train_data=train_data, eval_data=eval_data, eval_sums=_eval_sums,
+            train_data=train_data, num_train_examples=num_train_examples,
+            eval_data=eval_data, eval_sums=_eval_sums,
             summarize=_summarize,
             train_line=train_line, eval_line=eval_line, final_line=final_line)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 
-import data
 from data import augment, resize
 from training import optimizers
 
@@ -147,10 +146,10 @@ def train_split_problems(config, num_examples: int) -> list[str]:
             f"{config.data.name}:{config.data.train_split}"]
 
 
-def train_split_size(config) -> int | None:
-    """The number of examples in the train split, or None where the source cannot be opened
-    (the loop's opening of the data then says why)."""
+def train_split_size(config, task) -> int | None:
+    """The number of examples in the train split (the task's `num_train_examples`), or None
+    where the source cannot be opened (the loop's opening of the data then says why)."""
     try:
-        return data.num_train_examples(config.data)
+        return task.num_train_examples(config)
     except (FileNotFoundError, ValueError):   # DatasetNotFoundError is a FileNotFoundError
         return None

@@ -25,9 +25,9 @@ NMS_METHODS = ("gaussian", "hard")
 IOU_LOSSES = ("", "iou", "giou", "diou", "ciou")
 
 
-def anchors(config, size: int) -> np.ndarray:
-    """The anchors of `config.model` at `size` px, in the order of its flattened outputs."""
-    meta = nets.model_info(config.model).task_metadata
+def anchors(model: str, size: int) -> np.ndarray:
+    """The anchors of the detector `model` at `size` px, in its flattened outputs' order."""
+    meta = nets.model_info(model).task_metadata
     return detection.generate_anchors(size, meta["min_level"], meta["max_level"],
                                       meta["num_scales"], meta["aspect_ratios"],
                                       meta["anchor_scale"])
@@ -85,7 +85,7 @@ def validate(config) -> None:
 
 
 def _objective(config, model, *, dtype) -> steps.Objective:
-    loss = objective(model, anchors(config, config.data.train_size), config.data.num_classes,
+    loss = objective(model, anchors(config.model, config.data.train_size), config.data.num_classes,
                      config.detection, dtype=dtype, label_smoothing=config.label_smoothing)
     return steps.Objective(loss)
 
@@ -96,33 +96,57 @@ def train_data(config, *, process_index: int, process_count: int):
                                          process_count=process_count)
 
 
+def num_train_examples(config) -> int:
+    return detection_data.num_train_examples(config.data)
+
+
 def eval_data(config, *, process_index: int, process_count: int):
     return detection_data.eval_batches(config.data, global_batch=config.eval_batch_size,
                                        process_index=process_index, process_count=process_count)
 
 
-def eval_outputs(model: hk.TransformedWithState, anchors, num_classes: int, nms: str):
-    """(params, model_state, batch) -> the batch's detections (the official evaluation's
-    post-processing: top 5000, per-class NMS `nms`, top 100, boxes in original-image pixels
-    through batch["scales"]), with the image ids; rows of masked examples marked invalid.
-    Runs in float32."""
+def detections_fn(model: hk.TransformedWithState, anchors, num_classes: int, *,
+                  per_class: bool = True, nms: str = "gaussian"):
+    """(params, model_state, images, image_scales) -> {"boxes", "scores", "classes", "valid"}:
+    the eval forward and `detection.generate_detections`, boxes in original-image pixels
+    through image_scales [b]. per_class=True: the official COCO evaluation's (top 5000, NMS per
+    class); False: the official inference mode (each anchor's best class, one class-agnostic
+    NMS, boxes clipped to the input). Runs in float32; jittable and exportable."""
+    if nms not in NMS_METHODS:
+        raise ValueError(f"unknown NMS method {nms!r}: expected one of {', '.join(NMS_METHODS)}")
     anchors = jnp.asarray(anchors, jnp.float32)
 
+    def run(params, model_state, images, image_scales):
+        out, _ = model.apply(params, model_state, None, images, is_training=False)
+        found = detection.generate_detections(
+            out["class"], out["box"], anchors, num_classes, image_scales, method=nms,
+            per_class=per_class,
+            max_nms_inputs=detection.postprocess.MAX_NMS_INPUTS if per_class else 0,
+            image_size=None if per_class else images.shape[1:3])
+        return {"boxes": found.boxes, "scores": found.scores, "classes": found.classes,
+                "valid": found.valid}
+
+    return run
+
+
+def eval_outputs(model: hk.TransformedWithState, anchors, num_classes: int, nms: str):
+    """(params, model_state, batch) -> the batch's detections as the official evaluation makes
+    them (`detections_fn` per class, through batch["scales"]), with the image ids; rows of
+    masked examples marked invalid."""
+    detect = detections_fn(model, anchors, num_classes, per_class=True, nms=nms)
+
     def outputs(params, model_state, batch):
-        out, _ = model.apply(params, model_state, None, batch["images"], is_training=False)
-        found = detection.generate_detections(out["class"], out["box"], anchors, num_classes,
-                                              batch["scales"], method=nms)
+        found = detect(params, model_state, batch["images"], batch["scales"])
         mask = batch["mask"]
-        return {"image_ids": batch["image_ids"], "mask": mask, "boxes": found.boxes,
-                "scores": found.scores, "classes": found.classes,
-                "valid": found.valid & mask[:, None]}
+        return {**found, "image_ids": batch["image_ids"], "mask": mask,
+                "valid": found["valid"] & mask[:, None]}
 
     return outputs
 
 
 def _eval_outputs(config, model):
-    return eval_outputs(model, anchors(config, config.data.test_size), config.data.num_classes,
-                        config.detection.nms)
+    return eval_outputs(model, anchors(config.model, config.data.test_size),
+                        config.data.num_classes, config.detection.nms)
 
 
 def combine(collected, outputs) -> list:
@@ -179,6 +203,7 @@ def final_line(label: str, result) -> str:
 
 
 TASK = Task(name="detection", validate=validate, objective=_objective, train_data=train_data,
-            eval_data=eval_data, eval_sums=_eval_outputs, summarize=summarize,
+            num_train_examples=num_train_examples, eval_data=eval_data,
+            eval_sums=_eval_outputs, summarize=summarize,
             train_line=train_line, eval_line=eval_line, final_line=final_line,
             eval_combine=combine)

@@ -75,7 +75,7 @@ def _validate(config: ml_collections.ConfigDict, mesh) -> tasks.Task:
             found.append(str(e))
     found += config_checks.problems(config, mesh.size)
     if not found:   # only then open the train split (no image is read) for its size
-        size = config_checks.train_split_size(config)
+        size = config_checks.train_split_size(config, task)
         found = [] if size is None else config_checks.train_split_problems(config, size)
     if found:
         raise ConfigError("\n".join(found))

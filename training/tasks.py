@@ -18,6 +18,7 @@ _MODULES = {
     "classification": "training.classification",
     "distillation": "training.distill",
     "detection": "training.detection",
+    "keypoints": "training.keypoints",
 }
 
 
@@ -33,6 +34,8 @@ class Task(NamedTuple):
     # (config, *, process_index, process_count) -> an iterator of host-local train batches
     # with get_state / set_state / close and `num_examples` (data/sampler.TrainIterator).
     train_data: Callable
+    # config -> the number of examples in the train split (opening it reads no image).
+    num_train_examples: Callable
     # (config, *, process_index, process_count) -> an iterable of host-local eval batches.
     eval_data: Callable
     # (config, model) -> (params, model_state, batch) -> the batch's eval outputs: sums over

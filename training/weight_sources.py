@@ -21,6 +21,7 @@ import os
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 import nets
@@ -36,7 +37,8 @@ class Source(NamedTuple):
     `eval_preprocessing`: the fields of a config's `data` that say how evaluation prepares an
     image (`nets.weights.EVAL_PREPROCESSING_FIELDS`): a run's own, a weights file's recorded
     ones, or the reference's; `preprocessing_from` says which. `class_names` are the head's
-    outputs' names where the file records them; `dataset` is a run's {"name", "data_dir"},
+    outputs' names where the file records them; `dataset` is a run's {"name", "data_dir",
+    "eval_split"},
     where its class names can be looked up."""
 
     model: str
@@ -96,7 +98,8 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
         if all(k in data_config for k in nets.weights.EVAL_PREPROCESSING_FIELDS):
             preprocessing = {k: data_config[k] for k in nets.weights.EVAL_PREPROCESSING_FIELDS}
             origin = f"the run's config (step {run.step} in {run.directory})"
-            dataset = {"name": data_config["name"], "data_dir": data_config["data_dir"]}
+            dataset = {"name": data_config["name"], "data_dir": data_config["data_dir"],
+                       "eval_split": data_config["eval_split"]}
         else:   # a checkpoint written without the trainer's config: the reference's
             preprocessing = nets.weights.reference_eval_preprocessing(run.model)
             origin = _REGISTRY.format(reference=nets.model_info(run.model).reference)
@@ -126,15 +129,19 @@ def read(path, *, model: str | None = None, num_classes: int | None = None,
 
 
 def dataset_class_names(source: Source) -> list[str] | None:
-    """The class names of a run's dataset, when it is readable here and they fit the head."""
+    """The class names of a run's dataset, when it is readable here and they fit the head; a
+    detector's are those of its labels 1..num_classes, "" where the dataset names none."""
     if source.dataset is None:
         return None
-    from data import sources
+    from data import detection, sources
 
     try:
+        if nets.model_info(source.model).task in ("detection", "keypoints"):
+            return detection.class_names(ml_collections.ConfigDict(
+                {"eval_split": "", **source.dataset, "num_classes": source.num_classes}))
         names = sources.class_names(source.dataset["name"],
                                     sources.data_dir(source.dataset["data_dir"]))
-    except (FileNotFoundError, ValueError):   # the run's data is not on this machine
+    except (FileNotFoundError, ValueError, KeyError):   # the run's data is not here
         return None
     return names if len(names) == source.num_classes else None
 
