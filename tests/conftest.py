@@ -14,6 +14,20 @@ def reference_counts():
     return {(r["source"], r["name"]): r for r in reference_figures("params.json")}
 
 
+@pytest.fixture(scope="session")
+def detection_data_dir(tmp_path_factory) -> str:
+    """A data dir with the built-in detection dataset, prepared once for the whole session:
+    shared by the xdist workers (their base temp dirs share a parent; preparing takes a lock)."""
+    from data import builtin_detection
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory = root / "builtin_detection_tfds"
+    builtin_detection.prepare(directory)
+    return str(directory)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--fail-on-skip", action="store_true",

@@ -17,10 +17,8 @@ STD = (58.395, 57.12, 57.375)
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("detection_tfds")
-    builtin_detection.prepare(directory)
-    return str(directory)
+def digits_dir(detection_data_dir):
+    return detection_data_dir
 
 
 def make_cfg(data_dir, **overrides):

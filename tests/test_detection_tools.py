@@ -139,9 +139,8 @@ def test_predict_reports_unreadable_images_and_wrong_options(weights, images, tm
 
 
 def test_evaluate_gives_coco_metrics_on_the_builtin_test_split(weights, tmp_path,
-                                                               tmp_path_factory, capsys):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    builtin_detection.prepare(data_dir)
+                                                               detection_data_dir, capsys):
+    data_dir = detection_data_dir
     out = tmp_path / "eval.json"
     result = evaluate.main(["--weights", weights, "--data_dir", data_dir, "--batch", "100",
                             "--out", str(out)])

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import builtin_detection
 from tests.test_train import ROOT, environment, saved_state, train_losses
 
 STEPS = 6
@@ -61,13 +60,11 @@ PROBE = (
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, detection_data_dir):
     """(the built-in detection dataset's data dir, the reduced D0 :local config file)."""
-    directory = tmp_path_factory.mktemp("detection")
-    builtin_detection.prepare(directory / "tfds")
-    config = directory / "efficientdet_d0_small.py"
+    config = tmp_path_factory.mktemp("detection") / "efficientdet_d0_small.py"
     config.write_text(CONFIG)
-    return directory / "tfds", config
+    return detection_data_dir, config
 
 
 def train(setup, workdir, *extra, stop_at=0, check=True):
@@ -285,7 +282,7 @@ def forward(images, is_training):
 
 
 model = hk.transform_with_state(forward)
-loss = task.objective(model, task.anchors(config, SIZE), CLASSES, config.detection,
+loss = task.objective(model, task.anchors(config.model, SIZE), CLASSES, config.detection,
                       dtype=jnp.float32)
 rng = np.random.default_rng(0)
 boxes = np.zeros((4, 4, 4), np.float32)
@@ -317,7 +314,7 @@ single = jax.jit(lambda p, b: loss(p, {}, None, b)[0])
 alone = []
 for i in range(4):
     row = {k: v[i:i + 1] for k, v in batch.items()}
-    targets = detection.assign_targets_batch(task.anchors(config, SIZE), row["boxes"],
+    targets = detection.assign_targets_batch(task.anchors(config.model, SIZE), row["boxes"],
                                              row["labels"])
     count = float(targets.num_positives[0])
     alone.append((float(single(params, row)), count))

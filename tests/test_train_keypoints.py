@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from data import builtin_detection
 from experiments import efficientdet_d0_keypoints
 from training import keypoints, loop, tasks
 
@@ -88,10 +87,8 @@ def test_the_task_takes_point_models_only():
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("keypoints_tfds")
-    builtin_detection.prepare(directory)
-    return str(directory)
+def digits_dir(detection_data_dir):
+    return detection_data_dir
 
 
 def test_a_short_run_reports_the_keypoint_metrics(digits_dir, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 
 from data import augment, resize
+from data.detection import DetectionDataError
 from training import optimizers
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -148,8 +149,11 @@ def train_split_problems(config, num_examples: int) -> list[str]:
 
 def train_split_size(config, task) -> int | None:
     """The number of examples in the train split (the task's `num_train_examples`), or None
-    where the source cannot be opened (the loop's opening of the data then says why)."""
+    where the source cannot be opened (the loop's opening of the data then says why). A
+    malformed annotation file is said here, before anything is built."""
     try:
         return task.num_train_examples(config)
+    except DetectionDataError:
+        raise
     except (FileNotFoundError, ValueError):   # DatasetNotFoundError is a FileNotFoundError
         return None
