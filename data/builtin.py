@@ -82,25 +82,33 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             yield int(index), example
 
 
-def is_prepared(data_dir: str | os.PathLike) -> bool:
+def is_prepared(data_dir: str | os.PathLike, builder_class=None) -> bool:
     # TFDS writes into a temporary directory and renames it when done, so the info file in the
     # final directory means a complete dataset.
-    return (pathlib.Path(data_dir) / NAME / VERSION_STRING / "dataset_info.json").exists()
+    builder_class = builder_class or SklearnDigits
+    return (pathlib.Path(data_dir) / builder_class.name / str(builder_class.VERSION)
+            / "dataset_info.json").exists()
 
 
-def prepare_builtin(data_dir: str | os.PathLike) -> pathlib.Path:
-    """Prepares the built-in dataset in data_dir unless it is there; safe to call concurrently."""
+def prepare_once(data_dir: str | os.PathLike, builder_class) -> pathlib.Path:
+    """Prepares the TFDS dataset of `builder_class` (a generator-based builder that downloads
+    nothing) in data_dir as array_record unless it is there; safe to call concurrently."""
     data_dir = pathlib.Path(data_dir).expanduser()
-    if is_prepared(data_dir):
+    if is_prepared(data_dir, builder_class):
         return data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / f".{NAME}.lock", "w") as lock:
+    with open(data_dir / f".{builder_class.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             # Another process may have prepared it while this one waited for the lock.
-            if not is_prepared(data_dir):
-                builder = SklearnDigits(data_dir=str(data_dir), file_format="array_record")
+            if not is_prepared(data_dir, builder_class):
+                builder = builder_class(data_dir=str(data_dir), file_format="array_record")
                 builder.download_and_prepare()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return data_dir
+
+
+def prepare_builtin(data_dir: str | os.PathLike) -> pathlib.Path:
+    """Prepares the built-in dataset in data_dir unless it is there; safe to call concurrently."""
+    return prepare_once(data_dir, SklearnDigits)

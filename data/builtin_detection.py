@@ -10,7 +10,6 @@ the test digits only (data.builtin.split_indices). Every canvas is drawn from a 
 by (SEED, split, index): the dataset is the same on every machine.
 """
 
-import fcntl
 import os
 import pathlib
 
@@ -135,24 +134,6 @@ class SklearnDigitsDetection(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def is_prepared(data_dir: str | os.PathLike) -> bool:
-    return (pathlib.Path(data_dir) / NAME / VERSION_STRING / "dataset_info.json").exists()
-
-
 def prepare(data_dir: str | os.PathLike) -> pathlib.Path:
-    """Prepares the dataset in data_dir unless it is there; safe to call concurrently (the lock
-    pattern of data.builtin.prepare_builtin)."""
-    data_dir = pathlib.Path(data_dir).expanduser()
-    if is_prepared(data_dir):
-        return data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / f".{NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not is_prepared(data_dir):
-                builder = SklearnDigitsDetection(data_dir=str(data_dir),
-                                                 file_format="array_record")
-                builder.download_and_prepare()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return data_dir
+    """Prepares the dataset in data_dir unless it is there; safe to call concurrently."""
+    return builtin.prepare_once(data_dir, SklearnDigitsDetection)

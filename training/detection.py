@@ -58,28 +58,42 @@ def objective(model: hk.TransformedWithState, anchors, num_classes: int, cfg, *,
     return loss
 
 
-def validate(config) -> None:
+def check_model_task(config, task: str, what: str) -> bool:
+    """A ValueError unless config.model's registry task is `task` (listing the models that
+    have it); False for an unknown model, which the loop reports."""
     try:
         info = nets.model_info(config.model)
     except ValueError:
-        return   # the loop reports the unknown model
-    if info.task != "detection":
-        detectors = ", ".join(nets.list_models("efficientdet_d*[0-9x]"))
-        raise ValueError(f"config.task='detection' trains detectors ({detectors}); "
-                         f"{config.model} is a {info.task} model")
-    cfg = config.detection
+        return False
+    if info.task != task:
+        models = ", ".join(n for n in nets.list_models() if nets.model_info(n).task == task)
+        raise ValueError(f"config.task={task!r} trains {what} ({models}); {config.model} is a "
+                         f"{info.task} model")
+    return True
+
+
+def data_problems(config) -> list[str]:
+    """The detection pipeline's fields of config.data (data/detection.py) that cannot work."""
     problems = []
+    if config.data.max_boxes < 1:
+        problems.append(f"config.data.max_boxes={config.data.max_boxes} must be >= 1")
+    if not 0 < config.data.scale_min <= config.data.scale_max:
+        problems.append(f"config.data.scale_min={config.data.scale_min} and scale_max="
+                        f"{config.data.scale_max}: need 0 < scale_min <= scale_max")
+    return problems
+
+
+def validate(config) -> None:
+    if not check_model_task(config, "detection", "detectors"):
+        return
+    cfg = config.detection
+    problems = data_problems(config)
     if cfg.nms not in NMS_METHODS:
         problems.append(f"config.detection.nms={cfg.nms!r}: expected one of "
                         f"{', '.join(NMS_METHODS)}")
     if cfg.iou_loss_type not in IOU_LOSSES:
         problems.append(f"config.detection.iou_loss_type={cfg.iou_loss_type!r}: expected one "
                         f"of {', '.join(map(repr, IOU_LOSSES))}")
-    if config.data.max_boxes < 1:
-        problems.append(f"config.data.max_boxes={config.data.max_boxes} must be >= 1")
-    if not 0 < config.data.scale_min <= config.data.scale_max:
-        problems.append(f"config.data.scale_min={config.data.scale_min} and scale_max="
-                        f"{config.data.scale_max}: need 0 < scale_min <= scale_max")
     if problems:
         raise ValueError("\n".join(problems))
 

@@ -91,22 +91,9 @@ def objective(model: hk.TransformedWithState, indices, strides, points_per_cell:
 
 
 def validate(config) -> None:
-    try:
-        info = nets.model_info(config.model)
-    except ValueError:
-        return   # the loop reports the unknown model
-    if info.task != "keypoints":
-        models = ", ".join(n for n in nets.list_models()
-                           if nets.model_info(n).task == "keypoints")
-        raise ValueError(f"config.task='keypoints' trains point heads ({models}); "
-                         f"{config.model} is a {info.task} model")
-    problems = []
-    if config.data.max_boxes < 1:
-        problems.append(f"config.data.max_boxes={config.data.max_boxes} must be >= 1 (the "
-                        "points per image)")
-    if not 0 < config.data.scale_min <= config.data.scale_max:
-        problems.append(f"config.data.scale_min={config.data.scale_min} and scale_max="
-                        f"{config.data.scale_max}: need 0 < scale_min <= scale_max")
+    if not detection_task.check_model_task(config, "keypoints", "point heads"):
+        return
+    problems = detection_task.data_problems(config)
     if problems:
         raise ValueError("\n".join(problems))
 
