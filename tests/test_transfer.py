@@ -288,3 +288,32 @@ def test_bn_eval_normalises_with_the_running_statistics_and_keeps_them():
         np.testing.assert_array_equal(value, flat(state)[name], err_msg=name)
     batch_out, _ = plain.apply(params, state, None, images, is_training=True)
     assert np.abs(np.asarray(batch_out) - np.asarray(eval_out)).max() > 1e-2
+
+
+def test_converted_effdet_weights_start_a_detector_for_other_classes(tmp_path):
+    """effdet's tf_efficientdet_d0 state dict (90 COCO classes) as init_from of a 10-class
+    efficientdet_d0 run: everything loads but the class net's predict conv, whose outputs are
+    per class and which keeps its fresh init, said in the summary."""
+    from tests import reference
+
+    torch, effdet = reference.torch(), reference.effdet()
+    model = effdet.create_model("tf_efficientdet_d0", pretrained=False,
+                                pretrained_backbone=False)
+    path = tmp_path / "d0.pth"
+    torch.save(model.state_dict(), path)
+    config = _init_from_config(path, model="efficientdet_d0")
+    config.data.train_size = 64
+    shapes = loop.Variables(*jax.eval_shape(
+        loop._model_init(config, nets.transformed("efficientdet_d0", num_classes=10)),
+        jax.random.key(0)))
+    loaded = loop._load_init_from(config, shapes).loaded
+    head = nets.head_module("efficientdet_d0")
+    assert head.endswith("class_net/predict/conv_pw")
+    # 9 anchors x 90 classes in the file, 9 x 10 here
+    assert loaded.head_fresh == f"{head}/w is (1, 1, 64, 810) in the source, (1, 1, 64, 90) here"
+    assert loaded.missing == [] and loaded.unexpected == []
+    assert loaded.loaded == loaded.total - 2    # the head's weight and bias
+    state_dict = model.state_dict()
+    np.testing.assert_array_equal(
+        loaded.params[head.replace("conv_pw", "conv_dw")]["w"][..., 0, :],
+        state_dict["class_net.predict.conv_dw.weight"].numpy()[:, 0].transpose(1, 2, 0))
