@@ -59,7 +59,8 @@ def recipe(key: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The same architecture and recipe on the built-in detection dataset (scikit-learn's digits
-    pasted on 128 px canvases, data/builtin_detection.py) at 128 px: minutes on a 2-core CPU."""
+    pasted on 128 px canvases, data/builtin_detection.py) at 128 px, from scratch: 562 steps,
+    about ten minutes on a 2-core CPU."""
     from data import builtin_detection
 
     c.data.update(dict(
@@ -71,7 +72,8 @@ def local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ))
     c.batch_size = 16
     c.eval_batch_size = 60
-    c.num_epochs = 2.0
+    # From scratch: 2 epochs reached AP 0.7 (EMA), 6 epochs AP 30.7 / AP50 43.4 (README).
+    c.num_epochs = 6.0
     c.optimizer.update(dict(base_lr=0.08, lr_batch_base=16, warmup_epochs=0.25,
                             warmup_init=0.008))
     c.ema_decay = 0.99
