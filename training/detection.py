@@ -164,8 +164,13 @@ def _eval_outputs(config, model):
 
 
 def combine(collected, outputs) -> list:
-    """Detections are kept (on the host), not summed."""
+    """Eval outputs are kept (on the host), not summed: a list of batches."""
     return [*(collected or []), jax.device_get(outputs)]
+
+
+def concatenate(collected: list) -> dict:
+    """`combine`'s batches as one dict of arrays over all the evaluated rows."""
+    return {k: np.concatenate([b[k] for b in collected]) for k in collected[0]}
 
 
 _GROUND_TRUTH: dict[str, dict] = {}
@@ -186,7 +191,7 @@ def summarize(collected: list, config) -> dict:
     or config.data.eval_annotations), over the evaluated images. Detections of classes the
     ground truth does not declare are left out, as pycocotools would (COCO's ids skip some
     of the 90 head classes)."""
-    batches = {k: np.concatenate([b[k] for b in collected]) for k in collected[0]}
+    batches = concatenate(collected)
     mask = batches["mask"].astype(bool)
     truth = ground_truth(config.data)
     rows = detection.detections_to_coco(batches["image_ids"][mask], batches["boxes"][mask],

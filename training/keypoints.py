@@ -9,8 +9,8 @@ inside the jitted step (`detection.encode_batch`, classes label - 1, on the leve
 registry row names), and the loss (`detection.keypoint_loss`: focal presence + offset) is
 normalised by the global batch's encoded points + 1 (the step sees the global batch).
 
-Evaluation: `detection.decode_keypoints` per image (score >= SCORE_THRESHOLD, 3x3 peaks, the
-best MAX_POINTS), points scaled to original pixels, collected on the host; then for each radius
+Evaluation: `detection.decode_keypoints` per image (its defaults: score >= 0.3, 3x3 peaks, the
+best 100), points scaled to original pixels, collected on the host; then for each radius
 R in RADII_PX, predictions and ground-truth points of one image are matched one-to-one, greedily
 by score: in descending score order each prediction takes the nearest still unmatched
 ground-truth point of its class within R px (Euclidean, original pixels; ties to the earlier
@@ -26,22 +26,16 @@ with an empty denominator is reported as 0.
 from __future__ import annotations
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import detection
 import nets
 from data import detection as detection_data
-from detection import keypoints as kp
 from training import detection as detection_task
 from training import steps
 from training.tasks import Task
 
-# Decoding (detection/keypoints.py's defaults: CenterNet's visualisation threshold).
-SCORE_THRESHOLD = kp.SCORE_THRESHOLD
-MAX_POINTS = kp.MAX_POINTS
-PEAK_WINDOW = 3
 # Match radii, original-image pixels; error_px is measured on the matches at the largest.
 RADII_PX = (2.0, 4.0)
 
@@ -135,8 +129,7 @@ def eval_outputs(model: hk.TransformedWithState, indices, strides, points_per_ce
         out, _ = model.apply(params, model_state, None, batch["images"], is_training=False)
         found = detection.decode_keypoints(
             [out["class"][i] for i in indices], [out["point"][i] for i in indices], strides,
-            points_per_cell, score_threshold=SCORE_THRESHOLD, max_points=MAX_POINTS,
-            peak_window=PEAK_WINDOW)
+            points_per_cell)
         mask = batch["mask"]
         truth = (batch["labels"] >= 1) & ~batch["is_crowd"] & mask[:, None]
         return {"image_ids": batch["image_ids"], "mask": mask,
@@ -152,11 +145,6 @@ def eval_outputs(model: hk.TransformedWithState, indices, strides, points_per_ce
 def _eval_outputs(config, model):
     indices, strides, points_per_cell = head(config)
     return eval_outputs(model, indices, strides, points_per_cell)
-
-
-def combine(collected, outputs) -> list:
-    """The decoded points are kept (on the host), not summed."""
-    return [*(collected or []), jax.device_get(outputs)]
 
 
 def match(points, scores, classes, truth_points, truth_classes, radius: float):
@@ -187,7 +175,7 @@ def _ratio(a, b) -> float:
 def summarize(collected: list, config=None) -> dict:
     """The module docstring's metrics of the collected outputs (`eval_outputs`) over their
     unmasked images."""
-    batches = {k: np.concatenate([b[k] for b in collected]) for k in collected[0]}
+    batches = detection_task.concatenate(collected)
     mask = batches["mask"].astype(bool)
     matched = dict.fromkeys(RADII_PX, 0)
     errors = []
@@ -236,4 +224,4 @@ TASK = Task(name="keypoints", validate=validate, objective=_objective, train_dat
             num_train_examples=detection_task.num_train_examples, eval_data=eval_data,
             eval_sums=_eval_outputs, summarize=summarize,
             train_line=train_line, eval_line=eval_line, final_line=final_line,
-            eval_combine=combine)
+            eval_combine=detection_task.combine)
