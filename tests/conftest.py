@@ -2,8 +2,12 @@ import os
 
 import pytest
 
+from tests.helpers import TEST_XLA_FLAGS
+
 # Keras picks its backend once, at import: the Keras references run on JAX, not TensorFlow.
 os.environ["KERAS_BACKEND"] = "jax"
+# Read when the first computation starts a backend, which no import does.
+os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +60,17 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(
             f"--fail-on-skip: {len(_SKIPPED)} test(s) skipped, which fails the run (is the "
             "test extra installed?): " + ", ".join(_SKIPPED[:10]), red=True)
+
+
+# The files that take longest (minutes each, most of it in train.py runs and notebook runs), run
+# first: scripts/test.sh keeps this order across its workers (--no-loadscope-reorder), so the
+# cheap files fill in around them instead of one long file running alone at the end.
+SLOW_FILES_FIRST = ("test_train.py", "test_train_detection.py", "test_notebook.py",
+                    "test_train_keypoints.py", "test_keypoints.py", "test_evaluate_predict.py",
+                    "test_train_distill.py", "test_all_models.py", "test_resnet_reference.py",
+                    "test_nfnet.py", "test_efficientnet.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -16,6 +16,12 @@ import nets
 # names where each file's numbers come from.
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "reference"
 
+# The suite compiles far more than it runs: at LLVM optimisation level 1 XLA:CPU compiles ~30%
+# faster than at its default, and the tests' train steps run as fast (BENCHMARKS.md, "Test
+# suite"). conftest.py sets it for the test processes, tests/test_train.py's `environment` for
+# the programs they start.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+
 
 @functools.cache
 def reference_figures(filename: str):

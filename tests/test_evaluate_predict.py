@@ -217,7 +217,7 @@ def test_the_command_runs_over_all_local_devices(run, data_dir, tmp_path):
     from tests.test_train import ROOT, environment
 
     workdir, logged = run
-    env = environment(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = environment(devices=2)
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "tools.evaluate", "--weights", str(workdir), "--ema",
                "--data_dir", data_dir, "--out", str(out)]

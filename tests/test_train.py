@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import data
+from tests.helpers import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -43,10 +44,12 @@ def train_command(workdir, data_dir, *extra):
 COMPILATION_CACHE = tempfile.mkdtemp(prefix="jax-compilation-cache-")
 
 
-def environment(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
-            **extra}
+def environment(devices: int = 0, **extra):
+    """The environment of a program a test starts; `devices` > 0 fakes that many CPU devices."""
+    xla_flags = TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}"
+                                  if devices else "")
+    return {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONUNBUFFERED": "1",
+            "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE, **extra}
 
 
 def run_train(workdir, data_dir, *extra, check=True):
@@ -462,7 +465,7 @@ def test_one_and_four_devices_give_the_same_update():
     result = subprocess.run(
         [sys.executable, "tests/scripts/device_count_check.py"], cwd=ROOT, capture_output=True,
         text=True, timeout=600,
-        env=environment(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+        env=environment(devices=4))
     assert result.returncode == 0, result.stderr[-3000:]
     diff = json.loads(result.stdout.strip().splitlines()[-1])
     assert diff["param_change"] > 1e-3       # the steps moved the parameters

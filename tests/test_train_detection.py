@@ -338,7 +338,7 @@ def test_the_loss_normaliser_is_the_global_batch_positives_plus_one():
     (per-image or per-device normalisers would differ by far)."""
     result = subprocess.run(
         [sys.executable, "-c", NORMALISER_CHECK], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env=environment(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+        timeout=600, env=environment(devices=2))
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     counts = found["positives"]
