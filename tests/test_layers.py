@@ -1,5 +1,6 @@
 import haiku as hk
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,6 +48,42 @@ def test_cpu_lowerings_equal_native_conv_in_value_and_gradient(case, lowering):
     np.testing.assert_allclose(y_cpu, y_native, atol=2e-5, rtol=1e-5)
     for a, b in zip(g_cpu, g_native):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _convs_traced(case, in_loop):
+    """The conv-like primitives of one "auto" conv's forward and backward, as traced here."""
+    x_shape, w_shape, stride, padding, dilation, groups = CONV_CASES[case]
+    lowering = "auto_in_loop" if in_loop else "auto"
+    f = lambda x, w: jnp.sum(layers.conv(x, w, stride=stride, padding=padding,
+                                         dilation=dilation, groups=groups, lowering=lowering))
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(_rand(*x_shape), _rand(*w_shape))
+    names = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.append(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return [n for n in names if n in ("conv_general_dilated", "dot_general", "mul")]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_accelerators_keep_xlas_native_convolutions(monkeypatch, backend, in_loop):
+    """The CPU lowerings are chosen on XLA:CPU only: on a GPU or TPU backend every conv, in a
+    scan or not, is one native convolution forward and XLA's own gradient convolutions."""
+    monkeypatch.delenv("NETS_CONV_LOWERING", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert layers.default_lowering(in_loop=in_loop) == "native"
+    for case in ("grouped_3x3", "depthwise_same", "pointwise_strided", "dense_wide_strided"):
+        convs = _convs_traced(case, in_loop)
+        # the forward, the input gradient and the kernel gradient: three convolutions
+        assert convs == ["conv_general_dilated"] * 3, (case, convs)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert layers.default_lowering(in_loop=in_loop) == ("cpu_loop" if in_loop else "cpu")
+    assert "dot_general" in _convs_traced("pointwise_strided", in_loop)  # a 1x1 as a matmul
 
 
 def test_same_padding_is_tensorflows():
