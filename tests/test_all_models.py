@@ -5,10 +5,14 @@ one real forward and backward pass per family. A new variant or family is covere
 here.
 
 The shape checks trace each model abstractly (`jax.eval_shape`, nothing computed) at a small
-input, once per (model, num_classes) and once more for its features and its fusion plan."""
+input, once per (model, num_classes) and once more for its features and its fusion plan. The
+42-class trace takes the run's conv lowering (the CPU lowerings here); the others trace XLA's
+native convs, in half the time (shapes do not depend on the lowering, tests/test_layers.py)."""
 
+import contextlib
 import functools
 import json
+import os
 
 import haiku as hk
 import jax
@@ -38,6 +42,20 @@ def _zeros(next_creator, shape, dtype, init, context):
     return jnp.zeros(shape, dtype)
 
 
+@contextlib.contextmanager
+def native_lowering():
+    """XLA's native convs while tracing (nets.layers.default_lowering reads the variable)."""
+    before = os.environ.get("NETS_CONV_LOWERING")
+    os.environ["NETS_CONV_LOWERING"] = "native"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NETS_CONV_LOWERING"]
+        else:
+            os.environ["NETS_CONV_LOWERING"] = before
+
+
 @functools.cache
 def traced(name: str, num_classes: int):
     """(params, state, output shapes) of the variant's forward, `nets.create(name, num_classes)`
@@ -53,8 +71,10 @@ def traced(name: str, num_classes: int):
         return out
 
     images = nets.introspect.example_images(name, BATCH, input_size(name))
-    params, state = jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0),
-                                   images)
+    init = functools.partial(jax.eval_shape, hk.transform_with_state(forward).init,
+                             jax.random.key(0), images)
+    with contextlib.nullcontext() if num_classes == 42 else native_lowering():
+        params, state = init()
     return params, state, output["shapes"]
 
 
@@ -81,8 +101,9 @@ def test_features_are_the_stages_at_the_registered_strides(name):
     size = input_size(name)
     images = nets.introspect.example_images(name, BATCH, size)
     f = nets.transformed_features(name)
-    maps, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),
-                             params, state, images)
+    with native_lowering():
+        maps, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, is_training=False),
+                                 params, state, images)
     strides = nets.model_info(name).feature_strides
     assert list(maps) == [f"stage{i + 1}" for i in range(len(strides))]
     assert [(m.shape[0], *m.shape[-3:-1]) for m in maps.values()] == [
@@ -109,7 +130,8 @@ def test_fusion_plan_pairs_or_keeps_every_batchnorm(name):
     """`nets.fusion.plan` traces, and it plans every BatchNorm (every module with running
     statistics): folded into the conv before it, or kept as an affine."""
     params, state, _ = traced(name, 42)
-    plan = nets.fusion.plan(name)
+    with native_lowering():
+        plan = nets.fusion.plan(name)
     assert set(plan.eps) == set(state)
     assert set(plan.folded) <= set(plan.eps) and set(plan.folded.values()) <= set(params)
 

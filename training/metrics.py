@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -45,6 +46,21 @@ def _drop_rows_after(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever
+    it is installed, only to accept torch tensors, which a run never passes; hiding it saves the
+    2-3 s that importing torch adds to every start."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None   # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Reporter:
     """Writes what a run reports; the task's own words come from its `train_line` and
     `eval_line` (training.tasks.Task)."""
@@ -64,9 +80,9 @@ class Reporter:
             path = os.path.join(workdir, "metrics.jsonl")
             _drop_rows_after(path, resume_step)
             self._jsonl = open(path, "a")  # noqa: SIM115
-            from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                              purge_step=resume_step + 1 if resume_step else None)
+            purge_step = resume_step + 1 if resume_step else None
+            self._tensorboard = _summary_writer()(os.path.join(workdir, "tensorboard"),
+                                                  purge_step=purge_step)
         self._mark = None
 
     def print(self, *args) -> None:
