@@ -14,11 +14,12 @@ shapes and re-encoded as JPEG (quality 90).
 - same, draft: PIL's DCT-domain downscale (`Image.draft`) when the crop is at least twice the
   output size (not bit-exact with the reference: libjpeg scales in the DCT domain first).
 - NFNet row: one training row of the F0 recipe = two decoded crops, MixUp or CutMix, RandAugment
-  (4 layers) on the mix, normalisation.
+  (4 layers) on the mix, normalisation; and the host's part of it with data.augment_on_device
+  (the two crops and the random draws; the rest runs in the train step).
 - tf.data (when TensorFlow is installed): decode_and_crop_jpeg + flip + bicubic resize over a
   dataset of the same bytes, private thread pool of 1.
 - grain: the real batch maker in one grain worker process per core (`data.workers`), NFNet rows,
-  batch 8, reported per core.
+  batch 8, reported per core; with and without data.augment_on_device.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def crop_resize_draft(encoded: bytes, rng: np.random.Generator, size: int) -> np
     return resize.tf_bicubic(augment.random_flip(pixels, rng), size, size)
 
 
-def nfnet_rows(images: list[bytes], size: int, magnitude: float) -> None:
+def nfnet_rows(images: list[bytes], size: int, magnitude: float, on_device: bool = False) -> None:
+    """NFNet rows as the host makes them; on_device: the host's part of data.augment_on_device
+    (the crops and the draws; mixing, RandAugment and normalisation are left to the step)."""
     recipe_rng = np.random.default_rng(0)
     mean, std = (124.0, 116.0, 104.0), (58.0, 57.0, 57.0)
     targets = augment.one_hot(np.arange(len(images)) % 1000, 1000)
@@ -98,6 +101,11 @@ def nfnet_rows(images: list[bytes], size: int, magnitude: float) -> None:
         first = crop_resize(images[i], recipe_rng, size)
         second = crop_resize(images[i + 1], recipe_rng, size)
         kind = augment.mix_kind(i // 2, True, True)
+        if on_device:
+            lam, _ = augment.draw_mix(kind, recipe_rng, 0.2, size, size)
+            augment.mix_targets(targets[i], targets[i + 1], lam)
+            randaugment.plan(recipe_rng, 4, magnitude, size, size)
+            continue
         mixed, _ = augment.mix_pair(kind, first, second, targets[i], targets[i + 1], recipe_rng,
                                     0.2)
         pixels = np.clip(mixed, 0, 255).astype(np.uint8)
@@ -136,7 +144,8 @@ def tf_data_runner(images: list[bytes], size: int):
     return run
 
 
-def grain_runner(images: list[bytes], size: int, magnitude: float, batch: int, cores: int):
+def grain_runner(images: list[bytes], size: int, magnitude: float, batch: int, cores: int,
+                 on_device: bool = False):
     import grain
     import ml_collections
 
@@ -146,7 +155,7 @@ def grain_runner(images: list[bytes], size: int, magnitude: float, batch: int, c
         image_ops="tf", interpolation="bicubic", mean=(124.0, 116.0, 104.0),
         std=(58.0, 57.0, 57.0), random_resized_crop=True, min_area=0.08, flip=True,
         mixup_alpha=0.2, cutmix=True, randaugment_layers=4, randaugment_magnitude=magnitude,
-        augment_before_mix=False, num_classes=1000))
+        augment_before_mix=False, num_classes=1000, augment_on_device=on_device))
     recipe = classification.Recipe.from_config(cfg)
     make_batch = classification.TrainBatchMaker(source, recipe, sampler.Sharding(batch, 0, 1),
                                                 0)
@@ -183,21 +192,25 @@ def main(argv=None) -> None:
                      for i, im in enumerate(images)], len(images)),
         "NFNet row (2 crops, mix, RandAugment)": (
             lambda: nfnet_rows(images, size, args.magnitude), len(images) // 2),
+        "NFNet row, host part of augment_on_device": (
+            lambda: nfnet_rows(images, size, args.magnitude, on_device=True), len(images) // 2),
     }
     tf_run = tf_data_runner(images, size)
     if tf_run is not None:
         variants["tf.data decode_and_crop+resize"] = (tf_run, len(images))
     cores = os.cpu_count() or 1
-    grain_run, grain_rows = grain_runner(images, size, args.magnitude, batch=8, cores=cores)
+    grain = {on_device: grain_runner(images, size, args.magnitude, batch=8, cores=cores,
+                                     on_device=on_device) for on_device in (False, True)}
 
     times = {name: [] for name in variants}
-    grain_times = []
+    grain_times = {on_device: [] for on_device in grain}
     for _ in range(args.rounds):
         for name, (fn, _) in variants.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-        grain_times.append(grain_run())
+        for on_device, (run, _) in grain.items():
+            grain_times[on_device].append(run())
 
     print(f"{len(images)} JPEGs (ImageNet shapes), {size} px, RandAugment 4 x "
           f"{args.magnitude:g}, median of {args.rounds} rounds, one thread:")
@@ -205,13 +218,17 @@ def main(argv=None) -> None:
     for name, (_, count) in variants.items():
         rates[name] = count / statistics.median(times[name])
         print(f"  {name:42s} {rates[name]:8.1f} /s per core")
-    grain_rate = grain_rows / statistics.median(grain_times) / cores
-    print(f"  {'grain, NFNet rows, ' + str(cores) + ' worker processes':42s} {grain_rate:8.1f} "
-          f"/s per core")
+    for on_device, (_, grain_rows) in grain.items():
+        grain_rate = grain_rows / statistics.median(grain_times[on_device]) / cores
+        label = (f"grain, NFNet rows, {cores} worker processes"
+                 + (", augment_on_device" if on_device else ""))
+        print(f"  {label:42s} {grain_rate:8.1f} /s per core")
     row_rate = rates["NFNet row (2 crops, mix, RandAugment)"]
+    host_part = rates["NFNet row, host part of augment_on_device"]
     print("Cores to feed NFNet-F0 at its published speed with NFNet rows:")
     for device, needed in PUBLISHED_F0.items():
-        line = f"  {device}: {needed:.0f} img/s -> {needed / row_rate:.1f} cores (this code)"
+        line = (f"  {device}: {needed:.0f} img/s -> {needed / row_rate:.1f} cores (this code), "
+                f"{needed / host_part:.1f} with augment_on_device")
         if tf_run is not None:
             tf_crop = rates["tf.data decode_and_crop+resize"]
             ours_crop = rates["decode+crop+resize"]

@@ -4,8 +4,8 @@
 The functions below are the classification task's."""
 
 from data.builtin import prepare_builtin
-from data.classification import (check_num_classes, eval_batches, eval_preprocessor,
-                                 num_train_examples, train_iterator)
+from data.classification import (check_num_classes, device_preparer, eval_batches,
+                                 eval_preprocessor, num_train_examples, train_iterator)
 from data.decode import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError
 from data.detection import DetectionDataError
 from data.sources import DatasetNotFoundError, ImageFolderError, class_names, imagenet_classes
@@ -18,6 +18,7 @@ __all__ = [
     "UnreadableImageError",
     "check_num_classes",
     "class_names",
+    "device_preparer",
     "eval_batches",
     "eval_preprocessor",
     "imagenet_classes",

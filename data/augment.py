@@ -217,11 +217,14 @@ def eval_preprocess(image: np.ndarray, method: str, size: int, crop_fraction: fl
     raise ValueError(f"unknown eval preprocessing {method!r}; choose from {EVAL_PREPROCESSORS}")
 
 
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """(images - mean) / std in float32, with mean and std in 0..255 pixel units."""
+def normalize(images, mean, std):
+    """(images - mean) / std in float32, with mean and std in 0..255 pixel units, as a
+    multiplication by the float32 reciprocal of std: what XLA makes of a division by a
+    constant, so data.device_augment's normalisation is this one to the bit. NumPy arrays or
+    JAX arrays in, the same kind out."""
     mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return (images.astype(np.float32) - mean) / std
+    scale = np.float32(1.0) / np.asarray(std, np.float32)
+    return (images.astype(np.float32) - mean) * scale
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -242,18 +245,46 @@ def mix_kind(row: int, use_mixup: bool, use_cutmix: bool) -> str | None:
     return "cutmix" if use_cutmix else None
 
 
+def draw_mix(kind: str, rng: np.random.Generator, alpha: float, height: int,
+             width: int) -> tuple[float, tuple[int, int, int, int] | None]:
+    """A row's random mixing: (lambda, the CutMix box or None for MixUp). MixUp (Zhang et al.
+    2018): lambda ~ Beta(alpha, alpha) weighs the first image. CutMix (Yun et al. 2019): the box
+    comes from the first image, the rest from the second, and lambda is the box's share of the
+    image, so the targets weigh exactly the pixels each image shows."""
+    if kind == "mixup":
+        return float(rng.beta(alpha, alpha)), None
+    if kind == "cutmix":
+        top, left, box_height, box_width = box = cutmix_box(rng, height, width)
+        return box_height * box_width / (height * width), box
+    raise ValueError(f"unknown mixing {kind!r}; choose from {MIX_KINDS}")
+
+
+def mix_images(first: np.ndarray, second: np.ndarray, lam: float,
+               box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """`draw_mix`'s mixing of two images of one shape."""
+    if box is None:
+        return (np.float32(lam) * first + np.float32(1.0 - lam) * second).astype(first.dtype)
+    top, left, box_height, box_width = box
+    mixed = second.copy()
+    mixed[top:top + box_height, left:left + box_width] = (
+        first[top:top + box_height, left:left + box_width])
+    return mixed
+
+
+def mix_targets(first: np.ndarray, second: np.ndarray, lam: float) -> np.ndarray:
+    return np.float32(lam) * first + np.float32(1.0 - lam) * second
+
+
 def mixup_pair(first: np.ndarray, second: np.ndarray, rng: np.random.Generator,
                alpha: float) -> tuple[np.ndarray, float]:
-    """MixUp (Zhang et al. 2018): lambda ~ Beta(alpha, alpha) weighs the first image."""
-    lam = float(rng.beta(alpha, alpha))
-    mixed = np.float32(lam) * first + np.float32(1.0 - lam) * second
-    return mixed.astype(first.dtype), lam
+    lam, box = draw_mix("mixup", rng, alpha, *first.shape[:2])
+    return mix_images(first, second, lam, box), lam
 
 
 def cutmix_box(rng: np.random.Generator, height: int,
                width: int) -> tuple[int, int, int, int]:
-    """CutMix (Yun et al. 2019) box (top, left, height, width): side ratio sqrt(1 - U),
-    centre uniform, clipped to the image (so it may be smaller than drawn)."""
+    """CutMix box (top, left, height, width): side ratio sqrt(1 - U), centre uniform, clipped
+    to the image (so it may be smaller than drawn)."""
     centre_x, centre_y = int(rng.integers(0, width)), int(rng.integers(0, height))
     cut_ratio = math.sqrt(1.0 - rng.uniform())
     cut_height, cut_width = int(height * cut_ratio), int(width * cut_ratio)
@@ -264,25 +295,13 @@ def cutmix_box(rng: np.random.Generator, height: int,
 
 def cutmix_pair(first: np.ndarray, second: np.ndarray,
                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """The box is filled from the first image, the rest from the second; lambda is the box's
-    share of the image, so the targets weigh exactly the pixels each image shows."""
-    height, width = first.shape[:2]
-    top, left, box_height, box_width = cutmix_box(rng, height, width)
-    mixed = second.copy()
-    mixed[top:top + box_height, left:left + box_width] = (
-        first[top:top + box_height, left:left + box_width])
-    return mixed, box_height * box_width / (height * width)
+    lam, box = draw_mix("cutmix", rng, 0.0, *first.shape[:2])
+    return mix_images(first, second, lam, box), lam
 
 
 def mix_pair(kind: str, first: np.ndarray, second: np.ndarray, first_target: np.ndarray,
              second_target: np.ndarray, rng: np.random.Generator,
              mixup_alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """One mixed row: (image, lambda * first_target + (1 - lambda) * second_target)."""
-    if kind == "mixup":
-        image, lam = mixup_pair(first, second, rng, mixup_alpha)
-    elif kind == "cutmix":
-        image, lam = cutmix_pair(first, second, rng)
-    else:
-        raise ValueError(f"unknown mixing {kind!r}; choose from {MIX_KINDS}")
-    target = np.float32(lam) * first_target + np.float32(1.0 - lam) * second_target
-    return image, target
+    lam, box = draw_mix(kind, rng, mixup_alpha, *first.shape[:2])
+    return mix_images(first, second, lam, box), mix_targets(first_target, second_target, lam)

@@ -21,7 +21,7 @@ import itertools
 
 import numpy as np
 
-from data import augment, decode, randaugment, resize, sampler, sources
+from data import augment, decode, device_augment, randaugment, resize, sampler, sources
 from data.sampler import Sharding, example_rng
 
 # What this task reads of each example.
@@ -56,6 +56,7 @@ class Recipe:
     # Fields added later have defaults, for configs recorded in older checkpoints.
     skip_unreadable: bool = False
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+    augment_on_device: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
@@ -88,6 +89,28 @@ class Recipe:
     @property
     def examples_per_row(self) -> int:
         return 2 if self.mixes else 1
+
+    @property
+    def augments_each(self) -> bool:
+        """RandAugment on each example (before mixing, or with no mixing)."""
+        return self.randaugment_layers > 0 and (self.augment_before_mix or not self.mixes)
+
+    @property
+    def augments_rows(self) -> bool:
+        """RandAugment on each mixed row."""
+        return self.randaugment_layers > 0 and self.mixes and not self.augment_before_mix
+
+    def randaugment_plan(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        size = self.train_size
+        return randaugment.plan(rng, self.randaugment_layers, self.randaugment_magnitude, size,
+                                size)
+
+    def finish_on_device(self, batch: dict):
+        """The model's input images from a batch of the device path (under jit)."""
+        return device_augment.finish(
+            batch, layers=self.randaugment_layers, magnitude=self.randaugment_magnitude,
+            augment_before_mix=self.augment_before_mix, mixes=self.mixes, mean=self.mean,
+            std=self.std)
 
 
 def _randaugment(image: np.ndarray, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
@@ -128,6 +151,15 @@ def eval_preprocessor(cfg):
     """image (encoded bytes or uint8 HWC) -> the model's input, exactly as evaluation prepares
     it; `cfg` is a config's `data` section, e.g. from a checkpoint's recorded config."""
     return functools.partial(eval_image, recipe=Recipe.from_config(cfg))
+
+
+def device_preparer(cfg):
+    """With data.augment_on_device (`cfg` a config's `data`): the train batch's last steps as
+    a function for the jitted train step (`steps.Objective.prepare`), else None."""
+    recipe = Recipe.from_config(cfg)
+    if not recipe.augment_on_device:
+        return None
+    return lambda batch: {"images": recipe.finish_on_device(batch), "targets": batch["targets"]}
 
 
 # A data config's train-only fields, neutral: what an evaluation-only config (`eval_config`)
@@ -204,40 +236,81 @@ class TrainBatchMaker:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         recipe, seed = self.recipe, self.seed
+        on_device = recipe.augment_on_device
         positions, indices = sampler.stream_examples(seed, step, self.sharding,
                                                      len(self.source), recipe.examples_per_row)
-        augment_each = recipe.randaugment_layers > 0 and (recipe.augment_before_mix
-                                                          or not recipe.mixes)
-        images, labels, unreadable = [], [], 0
+        images, labels, plans, unreadable = [], [], [], 0
         for position, index in zip(positions, indices):
             image, label, skipped = self._example(int(position), int(index))
-            if augment_each:
-                image = _randaugment(
-                    image, example_rng(seed, sampler.RANDAUGMENT_EXAMPLE_STREAM, position), recipe)
+            if recipe.augments_each:
+                rng = example_rng(seed, sampler.RANDAUGMENT_EXAMPLE_STREAM, position)
+                if on_device:
+                    plans.append(recipe.randaugment_plan(rng))
+                else:
+                    image = _randaugment(image, rng, recipe)
             images.append(image)
             labels.append(label)
             unreadable += skipped
         targets = augment.one_hot(np.asarray(labels), recipe.num_classes)
+        batch = {sampler.UNREADABLE: np.int64(unreadable)}
+        if on_device:
+            rows = len(images) // recipe.examples_per_row
+            batch["images"] = np.stack(images).reshape(rows, recipe.examples_per_row,
+                                                       *images[0].shape)
+            if recipe.mixes:
+                targets, mixing, plans = self._mix_plan(step, targets, plans)
+                batch.update(mixing)
+            if plans:
+                ops, args = zip(*plans)
+                per_row = len(ops) // rows
+                batch["ra_ops"] = np.stack(ops).reshape(rows, per_row, -1)
+                batch["ra_args"] = np.stack(args).astype(np.float32).reshape(
+                    rows, per_row, recipe.randaugment_layers, randaugment.PLAN_ARGS)
+            return {**batch, "targets": targets}
         if recipe.mixes:
             images, targets = self._mix(step, images, targets)
-        return {"images": augment.normalize(np.stack(images), recipe.mean, recipe.std),
-                "targets": targets, sampler.UNREADABLE: np.int64(unreadable)}
+        return {**batch, "images": augment.normalize(np.stack(images), recipe.mean, recipe.std),
+                "targets": targets}
+
+    def _mixes(self, step: int):
+        """(row's position in the global batch, its mixing, its draws' generator) per row."""
+        recipe = self.recipe
+        for i, row in enumerate(self.sharding.global_positions(step)):
+            kind = augment.mix_kind(int(row), recipe.mixup_alpha > 0, recipe.cutmix)
+            yield i, row, kind, example_rng(self.seed, sampler.MIX_STREAM, row)
 
     def _mix(self, step: int, images: list, targets: np.ndarray) -> tuple[list, np.ndarray]:
         recipe, seed = self.recipe, self.seed
-        augment_after = recipe.randaugment_layers > 0 and not recipe.augment_before_mix
         mixed_images, mixed_targets = [], []
-        for i, row in enumerate(self.sharding.global_positions(step)):
-            kind = augment.mix_kind(int(row), recipe.mixup_alpha > 0, recipe.cutmix)
-            image, target = augment.mix_pair(
-                kind, images[2 * i], images[2 * i + 1], targets[2 * i], targets[2 * i + 1],
-                example_rng(seed, sampler.MIX_STREAM, row), recipe.mixup_alpha)
-            if augment_after:
+        for i, row, kind, rng in self._mixes(step):
+            image, target = augment.mix_pair(kind, images[2 * i], images[2 * i + 1],
+                                             targets[2 * i], targets[2 * i + 1], rng,
+                                             recipe.mixup_alpha)
+            if recipe.augments_rows:
                 image = _randaugment(
                     image, example_rng(seed, sampler.RANDAUGMENT_ROW_STREAM, row), recipe)
             mixed_images.append(image)
             mixed_targets.append(target)
         return mixed_images, np.stack(mixed_targets)
+
+    def _mix_plan(self, step: int, targets: np.ndarray, plans: list):
+        """The device path's `_mix`: the mixed targets, the rows' mixing draws as batch arrays,
+        and the RandAugment plans (the rows' when RandAugment follows the mixing)."""
+        recipe, seed = self.recipe, self.seed
+        size = recipe.train_size
+        mixed_targets, weights, boxes, cutmix, row_plans = [], [], [], [], []
+        for i, row, kind, rng in self._mixes(step):
+            lam, box = augment.draw_mix(kind, rng, recipe.mixup_alpha, size, size)
+            mixed_targets.append(augment.mix_targets(targets[2 * i], targets[2 * i + 1], lam))
+            weights.append((np.float32(lam), np.float32(1.0 - lam)))
+            boxes.append(box or (0, 0, 0, 0))
+            cutmix.append(box is not None)
+            if recipe.augments_rows:
+                row_plans.append(recipe.randaugment_plan(
+                    example_rng(seed, sampler.RANDAUGMENT_ROW_STREAM, row)))
+        mixing = {"mix_weights": np.asarray(weights, np.float32),
+                  "mix_box": np.asarray(boxes, np.int32), "mix_cutmix": np.asarray(cutmix)}
+        return np.stack(mixed_targets), mixing, row_plans or plans
 
 
 @dataclasses.dataclass(frozen=True)

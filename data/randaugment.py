@@ -24,7 +24,7 @@ MAX_LEVEL = 10.0
 TRANSLATE_CONSTANT = 100     # pixels at level MAX_LEVEL
 CUTOUT_CONSTANT = 40         # half-side in pixels at level MAX_LEVEL
 FILL = 128
-_GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)   # tf.image.rgb_to_grayscale
+GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)   # tf.image.rgb_to_grayscale
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def blend(image1: np.ndarray, image2: np.ndarray, factor: float) -> np.ndarray:
 
 def grayscale(image: np.ndarray) -> np.ndarray:
     """HW uint8 luma as tf.image.rgb_to_grayscale computes it (scaled by 255.5, truncated)."""
-    luma = (image.astype(np.float32) / np.float32(255.0)) @ _GRAY_WEIGHTS
+    luma = (image.astype(np.float32) / np.float32(255.0)) @ GRAY_WEIGHTS
     return (luma * np.float32(255.5)).astype(np.uint8)
 
 
@@ -134,11 +134,10 @@ def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
     return blend(degenerate, image, factor)
 
 
-def cutout(image: np.ndarray, rng: np.random.Generator, half_side: int,
+def cutout(image: np.ndarray, centre_y: int, centre_x: int, half_side: int,
            fill: int = FILL) -> np.ndarray:
-    """Fills a square of side 2 * half_side (clipped to the image) centred uniformly."""
+    """Fills a square of side 2 * half_side (clipped to the image) centred at the given pixel."""
     height, width = image.shape[:2]
-    centre_y, centre_x = int(rng.integers(0, height)), int(rng.integers(0, width))
     out = image.copy()
     out[max(0, centre_y - half_side):min(height, centre_y + half_side),
         max(0, centre_x - half_side):min(width, centre_x + half_side)] = fill
@@ -173,74 +172,101 @@ def affine(image: np.ndarray, matrix: tuple[float, ...], fill: int = FILL) -> np
     return np.where(inside[:, :, None], sampled, np.uint8(fill))
 
 
+def affine_matrix(name: str, value: float, height: int, width: int) -> tuple[float, ...]:
+    """`affine`'s matrix for geometric op `name` with argument `value` (degrees, shear level or
+    pixels) on an image of that size."""
+    if name == "Rotate":   # counter-clockwise about the image centre
+        radians = math.radians(value)
+        cos, sin = math.cos(radians), math.sin(radians)
+        x_offset = ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2.0
+        y_offset = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
+        return cos, -sin, x_offset, sin, cos, y_offset
+    matrix = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    matrix[{"ShearX": 1, "ShearY": 3, "TranslateX": 2, "TranslateY": 5}[name]] = value
+    return tuple(matrix)
+
+
 def rotate(image: np.ndarray, degrees: float, fill: int = FILL) -> np.ndarray:
-    """Counter-clockwise rotation about the image centre."""
-    height, width = image.shape[:2]
-    radians = math.radians(degrees)
-    cos, sin = math.cos(radians), math.sin(radians)
-    x_offset = ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2.0
-    y_offset = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
-    return affine(image, (cos, -sin, x_offset, sin, cos, y_offset), fill)
+    return affine(image, affine_matrix("Rotate", degrees, *image.shape[:2]), fill)
 
 
 def shear_x(image: np.ndarray, level: float, fill: int = FILL) -> np.ndarray:
-    return affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), fill)
+    return affine(image, affine_matrix("ShearX", level, *image.shape[:2]), fill)
 
 
 def shear_y(image: np.ndarray, level: float, fill: int = FILL) -> np.ndarray:
-    return affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), fill)
+    return affine(image, affine_matrix("ShearY", level, *image.shape[:2]), fill)
 
 
 def translate_x(image: np.ndarray, pixels: float, fill: int = FILL) -> np.ndarray:
     """Moves the content `pixels` to the left (right when negative)."""
-    return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+    return affine(image, affine_matrix("TranslateX", pixels, *image.shape[:2]), fill)
 
 
 def translate_y(image: np.ndarray, pixels: float, fill: int = FILL) -> np.ndarray:
-    return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+    return affine(image, affine_matrix("TranslateY", pixels, *image.shape[:2]), fill)
 
 
-# Magnitude -> argument, and the layer loop.
+# Magnitude -> argument, and the layer loop. An op's random choices (a sign, a centre) are drawn
+# apart from applying it (`draw_args`), so that data.device_augment can apply on the
+# accelerator what the host drew: the same draws, in the same order.
 
 
 def _signed(value: float, rng: np.random.Generator) -> float:
     return value if rng.random() < 0.5 else -value
 
 
-def _enhance_factor(magnitude: float) -> float:
+def enhance_factor(magnitude: float) -> float:
     return magnitude / MAX_LEVEL * 1.8 + 0.1
 
 
+GEOMETRIC = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateX": TRANSLATE_CONSTANT,
+             "TranslateY": TRANSLATE_CONSTANT}   # the argument at MAX_LEVEL, either sign
+
+
+def draw_args(name: str, magnitude: float, rng: np.random.Generator, height: int,
+              width: int) -> tuple[float, int, int]:
+    """The op's random choices: (signed argument of a geometric op, cutout centre y, x)."""
+    if name in GEOMETRIC:
+        return _signed(magnitude / MAX_LEVEL * GEOMETRIC[name], rng), 0, 0
+    if name == "Cutout":
+        return 0.0, int(rng.integers(0, height)), int(rng.integers(0, width))
+    return 0.0, 0, 0
+
+
+def cutout_half_side(magnitude: float) -> int:
+    return int(magnitude / MAX_LEVEL * CUTOUT_CONSTANT)
+
+
 OPS = {
-    "AutoContrast": lambda im, m, rng: auto_contrast(im),
-    "Equalize": lambda im, m, rng: equalize(im),
-    "Invert": lambda im, m, rng: invert(im),
-    "Rotate": lambda im, m, rng: rotate(im, _signed(m / MAX_LEVEL * 30.0, rng)),
-    "Posterize": lambda im, m, rng: posterize(im, int(m / MAX_LEVEL * 4)),
-    "Solarize": lambda im, m, rng: solarize(im, int(m / MAX_LEVEL * 256)),
-    "Color": lambda im, m, rng: color(im, _enhance_factor(m)),
-    "Contrast": lambda im, m, rng: contrast(im, _enhance_factor(m)),
-    "Brightness": lambda im, m, rng: brightness(im, _enhance_factor(m)),
-    "Sharpness": lambda im, m, rng: sharpness(im, _enhance_factor(m)),
-    "ShearX": lambda im, m, rng: shear_x(im, _signed(m / MAX_LEVEL * 0.3, rng)),
-    "ShearY": lambda im, m, rng: shear_y(im, _signed(m / MAX_LEVEL * 0.3, rng)),
-    "TranslateX": lambda im, m, rng: translate_x(
-        im, _signed(m / MAX_LEVEL * TRANSLATE_CONSTANT, rng)),
-    "TranslateY": lambda im, m, rng: translate_y(
-        im, _signed(m / MAX_LEVEL * TRANSLATE_CONSTANT, rng)),
-    "Cutout": lambda im, m, rng: cutout(im, rng, int(m / MAX_LEVEL * CUTOUT_CONSTANT)),
-    "SolarizeAdd": lambda im, m, rng: solarize_add(im, int(m / MAX_LEVEL * 110)),
+    "AutoContrast": lambda im, m, args: auto_contrast(im),
+    "Equalize": lambda im, m, args: equalize(im),
+    "Invert": lambda im, m, args: invert(im),
+    "Rotate": lambda im, m, args: rotate(im, args[0]),
+    "Posterize": lambda im, m, args: posterize(im, int(m / MAX_LEVEL * 4)),
+    "Solarize": lambda im, m, args: solarize(im, int(m / MAX_LEVEL * 256)),
+    "Color": lambda im, m, args: color(im, enhance_factor(m)),
+    "Contrast": lambda im, m, args: contrast(im, enhance_factor(m)),
+    "Brightness": lambda im, m, args: brightness(im, enhance_factor(m)),
+    "Sharpness": lambda im, m, args: sharpness(im, enhance_factor(m)),
+    "ShearX": lambda im, m, args: shear_x(im, args[0]),
+    "ShearY": lambda im, m, args: shear_y(im, args[0]),
+    "TranslateX": lambda im, m, args: translate_x(im, args[0]),
+    "TranslateY": lambda im, m, args: translate_y(im, args[0]),
+    "Cutout": lambda im, m, args: cutout(im, args[1], args[2], cutout_half_side(m)),
+    "SolarizeAdd": lambda im, m, args: solarize_add(im, int(m / MAX_LEVEL * 110)),
 }
 OP_NAMES = tuple(OPS)
 
 
 def apply_op(name: str, image: np.ndarray, magnitude: float,
              rng: np.random.Generator) -> np.ndarray:
+    """The op at `magnitude`, its random choices drawn from `rng` (None for ops without any)."""
     try:
         op = OPS[name]
     except KeyError:
         raise ValueError(f"unknown RandAugment op {name!r}; choose from {OP_NAMES}") from None
-    return op(image, float(magnitude), rng)
+    return op(image, float(magnitude), draw_args(name, float(magnitude), rng, *image.shape[:2]))
 
 
 def randaugment(image: np.ndarray, rng: np.random.Generator, layers: int,
@@ -253,3 +279,22 @@ def randaugment(image: np.ndarray, rng: np.random.Generator, layers: int,
         name = OP_NAMES[int(rng.integers(0, len(OP_NAMES)))]
         image = apply_op(name, image, magnitude, rng)
     return image
+
+
+# Per layer, what data.device_augment applies: an affine matrix (a, b, c, d, e, f) and a
+# cutout centre (y, x), computed here in float64 as the NumPy ops compute them.
+PLAN_ARGS = 8
+
+
+def plan(rng: np.random.Generator, layers: int, magnitude: float, height: int,
+         width: int) -> tuple[np.ndarray, np.ndarray]:
+    """What `randaugment` draws from `rng` for an image of that size, as (op indices [layers]
+    int32, [layers, PLAN_ARGS] float64): the NumPy path and the device path draw alike."""
+    ops, args = np.zeros(layers, np.int32), np.zeros((layers, PLAN_ARGS))
+    for layer in range(layers):
+        ops[layer] = int(rng.integers(0, len(OP_NAMES)))
+        name = OP_NAMES[ops[layer]]
+        value, centre_y, centre_x = draw_args(name, float(magnitude), rng, height, width)
+        matrix = affine_matrix(name, value, height, width) if name in GEOMETRIC else (0.0,) * 6
+        args[layer] = (*matrix, centre_y, centre_x)
+    return ops, args

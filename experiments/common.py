@@ -46,6 +46,9 @@ def base() -> ml_collections.ConfigDict:
         randaugment_layers=0,       # RandAugment (TF1 AutoAugment ops, data/randaugment.py)
         randaugment_magnitude=0.0,  # may exceed the nominal maximum 10
         augment_before_mix=False,   # RandAugment on each image before mixing, else on the mix
+        augment_on_device=False,    # RandAugment, mixing and normalisation inside the jitted
+                                    # step (data/device_augment.py): the host decodes, crops,
+                                    # resizes and draws; same images (bit for bit on XLA:CPU)
         workers=0,                  # grain worker processes decoding and augmenting; 0: threads
                                     # in the trainer's process, -1: one process per core
         skip_unreadable=False,      # True: replace undecodable train images by the next readable

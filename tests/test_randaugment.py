@@ -154,7 +154,8 @@ def test_translate_and_shear():
 def test_cutout():
     image = random_image(30, 40, low=0, high=100)
     for seed in range(20):
-        out = ra.cutout(image, np.random.default_rng(seed), 6)
+        rng = np.random.default_rng(seed)
+        out = ra.cutout(image, int(rng.integers(0, 30)), int(rng.integers(0, 40)), 6)
         filled = (out == ra.FILL).all(axis=2)
         rows, cols = np.nonzero(filled)
         assert filled[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()

@@ -167,6 +167,20 @@ def test_a_short_run_learns_the_builtin_dataset(data_dir, tmp_path):
     assert final["eval/top1"] > LEARNING_THRESHOLD, final
 
 
+def test_augmenting_in_the_step_trains_as_augmenting_on_the_host(data_dir, tmp_path):
+    """NFNet's batch augmentation (MixUp and CutMix on alternate rows, RandAugment on the mix)
+    in the numpy pipeline and, with data.augment_on_device, inside the jitted step: the same
+    images (tests/test_device_augment.py), so the same run."""
+    augment = ["--config.num_steps=3", "--config.checkpoint_every=3", "--config.seed=2",
+               "--config.data.mixup_alpha=0.2", "--config.data.cutmix=True",
+               "--config.data.randaugment_layers=2", "--config.data.randaugment_magnitude=10"]
+    run_train(tmp_path / "host", data_dir, *augment)
+    run_train(tmp_path / "device", data_dir, *augment, "--config.data.augment_on_device=True")
+    host, device = (train_losses(tmp_path / run) for run in ("host", "device"))
+    assert len(host) == 3
+    assert device == host
+
+
 def test_rerun_resumes_a_finished_run(straight_run, data_dir):
     workdir, _ = straight_run
     result = run_train(workdir, data_dir)
@@ -532,10 +546,10 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
 # (distillation from a weights file: tests/test_train_distill.py).
 
 
-def run_experiment(config, workdir, data_dir, *extra):
+def run_experiment(config, workdir, data_dir, *extra, size=16):
     command = [sys.executable, "train.py", "--config", config, "--config.batch_size=16",
-               "--config.log_every=1", "--config.data.train_size=16",
-               "--config.data.test_size=16", f"--config.data.data_dir={data_dir}",
+               "--config.log_every=1", f"--config.data.train_size={size}",
+               f"--config.data.test_size={size}", f"--config.data.data_dir={data_dir}",
                f"--workdir={workdir}", *extra]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                             env=environment(), timeout=600)

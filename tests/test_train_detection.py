@@ -237,18 +237,21 @@ def test_detection_of_a_classifier_is_a_config_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_nms_and_iou_loss_are_config_errors_listing_the_choices(tmp_path):
+def test_unknown_nms_and_iou_loss_and_device_augmentation_are_config_errors(tmp_path):
     from training import loop
 
     config = small_config(tmp_path / "nothing_here")
     config.detection.nms = "soft"
     config.detection.iou_loss_type = "l1"
+    config.data.augment_on_device = True   # the classification pipeline's
     with pytest.raises(loop.ConfigError) as error:
         loop.run(config, str(tmp_path / "run"))
     lines = str(error.value).splitlines()
     assert "config.detection.nms='soft': expected one of gaussian, hard" in lines
     assert ("config.detection.iou_loss_type='l1': expected one of '', 'iou', 'giou', 'diou', "
             "'ciou'") in lines
+    assert any(line.startswith("config.data.augment_on_device=True: the detection pipeline")
+               for line in lines)
 
 
 # The loss normaliser: positives of the global batch + 1, whatever the devices.

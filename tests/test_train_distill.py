@@ -27,7 +27,7 @@ def test_distillation_from_a_weights_file(tmp_path):
                             "--config.model=mobilenet_v1_025", "--config.distill.teacher=",
                             f"--config.distill.teacher_from={teacher}",
                             "--config.distill.teacher_ema=False", "--config.num_steps=2",
-                            "--config.ema_decay=0")
+                            "--config.ema_decay=0", size=32)   # MobileNet's stride is 32
     assert (f"distilling from resnet18 weights {teacher} (eval mode): loss = 0.5 * CE + 0.5 * "
             "4.0^2 * KL") in result.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()

@@ -52,7 +52,8 @@ def validate(config) -> None:
 
 
 def _objective(config, model, *, dtype) -> steps.Objective:
-    return steps.Objective(objective(model, dtype=dtype, label_smoothing=config.label_smoothing))
+    return steps.Objective(objective(model, dtype=dtype, label_smoothing=config.label_smoothing),
+                           prepare=data.device_preparer(config.data))
 
 
 def train_data(config, *, process_index: int, process_count: int):

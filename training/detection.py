@@ -80,6 +80,9 @@ def data_problems(config) -> list[str]:
     if not 0 < config.data.scale_min <= config.data.scale_max:
         problems.append(f"config.data.scale_min={config.data.scale_min} and scale_max="
                         f"{config.data.scale_max}: need 0 < scale_min <= scale_max")
+    if config.data.get("augment_on_device"):
+        problems.append("config.data.augment_on_device=True: the detection pipeline prepares "
+                        "whole batches on the host (data/detection.py); set it to False")
     return problems
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import data
 import nets
 from training import classification, steps, weight_sources
 
@@ -145,7 +146,8 @@ def _objective(config, model, *, dtype) -> steps.Objective:
             f"{1 - teacher.alpha:g} * {teacher.temperature}^2 * KL; train/ce and train/kl in "
             "metrics.jsonl")
     loss = objective(model, teacher, dtype=dtype, label_smoothing=config.label_smoothing)
-    return steps.Objective(loss, extra=variables, notes=(note,))
+    return steps.Objective(loss, extra=variables, notes=(note,),
+                           prepare=data.device_preparer(config.data))
 
 
 TASK = classification.TASK._replace(name="distillation", validate=validate,

@@ -365,7 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
         extra = objective.extra is not None
         train_fn = steps.train_step(objective.loss, optimizer, schedule,
                                     ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
-                                    extra=extra)
+                                    extra=extra, prepare=objective.prepare)
         extra_args = (objective.extra,) if extra else ()
         eval_fn = steps.eval_step(task.eval_sums(config, model), mesh)
         sharding = distributed.batch_sharded(mesh)

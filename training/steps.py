@@ -21,11 +21,13 @@ class Objective(NamedTuple):
     `(loss, (model_state, metrics))`, `metrics` a dict of scalars the task reports (e.g.
     accuracy). `extra` is a pytree every step receives replicated and never donates nor updates
     (the weights of a second, fixed model, as distillation has), or None; `notes` are lines the
-    run prints once."""
+    run prints once. `prepare`: batch -> batch, applied in the step before the loss (the input
+    work the data pipeline leaves to the accelerator, data.augment_on_device), or None."""
 
     loss: Callable
     extra: Any = None
     notes: tuple[str, ...] = ()
+    prepare: Callable | None = None
 
 
 def compute_dtype(name: str):
@@ -52,7 +54,8 @@ def _keep(mask, old, new):
 
 
 def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule: Callable, *,
-               ema_decay: float, mesh, frozen=None, extra: bool = False) -> Callable:
+               ema_decay: float, mesh, frozen=None, extra: bool = False,
+               prepare: Callable | None = None) -> Callable:
     """(state, batch[, extra]) -> (state, metrics); the state is donated. `loss` is an
     `Objective.loss`; metrics are its own plus loss, lr, grad_norm and param_norm. The step's
     randomness (dropout, stochastic depth) is fold_in(rng, step) over the global batch, so it
@@ -63,7 +66,7 @@ def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule
     their updates (training.optimizers.optimizer(frozen=...)), and the step keeps the frozen
     BatchNorm statistics and EMA leaves as they were.
     extra=True: the step takes the objective's `extra` as a third argument, replicated and not
-    donated."""
+    donated. prepare: an `Objective.prepare`, or None."""
     frozen_params, frozen_state = frozen if frozen is not None else (None, None)
 
     def loss_of_params(params, model_state, rng, batch, extra_inputs):
@@ -73,6 +76,8 @@ def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule
         return loss(params, model_state, rng, batch, extra_inputs)
 
     def step(state: TrainState, batch, extra_inputs=None):
+        if prepare is not None:
+            batch = prepare(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (value, (model_state, task_metrics)), grads = jax.value_and_grad(
             loss_of_params, has_aux=True)(state.params, state.model_state, rng, batch,
