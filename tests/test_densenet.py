@@ -11,7 +11,7 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import (jitted_apply, random_images)
+from tests.helpers import jitted_apply, jitted_logits_and_features, random_images
 
 DENSENETS = nets.list_models("densenet*")
 SIZE = 64  # every block still sees a >= 2x2 map
@@ -72,12 +72,9 @@ def test_logits_and_stage_maps_equal_torchvision():
         tap.remove()
 
     params, state = nets.convert.from_torch("densenet121", model.state_dict())
-    logits, _ = jitted_apply("densenet121")(params, state, None, images, is_training=False)
+    (logits, ours), _ = jitted_logits_and_features("densenet121")(params, state, None, images)
     assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    no_head = {k: v for k, v in params.items() if not k.endswith("/classifier")}
-    ours, _ = jitted_apply("densenet121", features=True)(no_head, state, None, images,
-                                                         is_training=False)
     assert set(ours) == set(maps) == {"stage1", "stage2", "stage3", "stage4"}
     for stage, ref_map in maps.items():
         np.testing.assert_allclose(ours[stage], ref_map, atol=1e-4, rtol=1e-4, err_msg=stage)

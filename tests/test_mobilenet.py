@@ -9,7 +9,7 @@ import pytest
 import nets
 from nets import mobilenet
 from tests import reference
-from tests.helpers import count, jitted_apply, random_images
+from tests.helpers import count, jitted_apply, jitted_logits_and_features, random_images
 
 MOBILENETS = [n for n in nets.list_models() if nets.model_info(n).family == "mobilenet"]
 WITH_REFERENCE = [n for n in MOBILENETS if nets.model_info(n).reference_params is not None]
@@ -105,11 +105,9 @@ def test_logits_and_stage_maps_equal_torchvision(name):
     images = random_images(2, 64)
     ref_logits, ref_maps = _torch_stage_outputs(model, images, STAGES[name])
     params, state = nets.convert.from_torch(name, model.state_dict())
-    logits, _ = jitted_apply(name)(params, state, None, images, is_training=False)
+    (logits, maps), _ = jitted_logits_and_features(name)(params, state, None, images)
     assert np.abs(ref_logits).max() > 0.1
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    maps, _ = jitted_apply(name, features=True)(params, state, None, images,
-                                                  is_training=False)
     for stage, ref_map in ref_maps.items():
         np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4, rtol=1e-4, err_msg=stage)
 

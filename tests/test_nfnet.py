@@ -10,7 +10,8 @@ import pytest
 import nets
 from nets import nfnet
 from tests import reference
-from tests.helpers import jitted_apply, random_images, reference_figures
+from tests.helpers import (jitted_apply, jitted_logits_and_features, random_images,
+                           reference_figures)
 
 # Figures measured on the official NFNet code (tests/reference/nfnet_official.json, which names
 # the sections of the NFNet spec they come from).
@@ -204,13 +205,10 @@ def test_logits_and_stage_maps_equal_timm_dm_nfnet_f0():
     with torch.no_grad():
         ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     params, state = nets.convert.from_torch("nfnet_f0", model.state_dict(), **TIMM_NUMERICS)
-    logits, _ = jitted_apply("nfnet_f0", **TIMM_NUMERICS)(params, state, None, images,
-                                                        is_training=False)
+    (logits, ours), _ = jitted_logits_and_features("nfnet_f0", **TIMM_NUMERICS)(
+        params, state, None, images)
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
-    no_head = {k: v for k, v in params.items() if not k.endswith("/linear")}
-    ours, _ = jitted_apply("nfnet_f0", features=True, **TIMM_NUMERICS)(
-        no_head, state, None, images, is_training=False)
     for stage, ref_map in maps.items():
         np.testing.assert_allclose(ours[stage], ref_map, atol=1e-4, rtol=1e-4, err_msg=stage)
 

@@ -9,7 +9,7 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import jitted_apply, random_images
+from tests.helpers import jitted_apply, jitted_logits_and_features, random_images
 
 SIZE = 64  # small, to keep compiles cheap; every layer still sees a >= 2x2 map
 
@@ -91,13 +91,10 @@ def test_logits_and_stage_maps_equal_the_reference(case):
     images = random_images(2, SIZE)
     ref_logits, ref_maps = _run_reference(model, images)
     params, state = nets.convert.from_torch(name, model.state_dict(), **overrides)
-    logits, _ = jitted_apply(name, **overrides)(params, state, None, images, is_training=False)
+    (logits, maps), _ = jitted_logits_and_features(name, **overrides)(params, state, None,
+                                                                      images)
     assert np.abs(ref_logits).max() > 0.1  # a meaningful comparison, not of zeros
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    classifier = nets.model_info(name).classifier
-    no_head = {k: v for k, v in params.items() if not k.endswith(f"/{classifier}")}
-    maps, _ = jitted_apply(name, features=True, **overrides)(no_head, state, None, images,
-                                                              is_training=False)
     for stage, ref_map in ref_maps.items():
         np.testing.assert_allclose(maps[stage], ref_map, atol=1e-4, rtol=1e-4,
                                    err_msg=stage)
