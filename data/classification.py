@@ -6,7 +6,8 @@ iterator state).
 Train images: decode the crop only -> flip -> resize (`image_ops`: TF's or torchvision's) ->
 [RandAugment] -> [MixUp / CutMix of pairs] -> [RandAugment after mixing: the NFNet default]
 -> normalise. RandAugment always sees the image clipped to [0, 255] and truncated to uint8, as
-the official pipeline casts it.
+the official pipeline casts it. With data.augment_on_device the host stops after the resize
+and draws the rest's random choices; the train step applies them (data/device_augment.py).
 
 An image that cannot be decoded (data/decode.py: truncated, corrupt, not an image, over
 data.max_image_pixels) raises `UnreadableImageError` naming the dataset, split, example index

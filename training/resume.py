@@ -17,6 +17,7 @@ HARMLESS = frozenset({
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_every_steps",
     "eval_batch_size", "resume_with_changes",
     "data.data_dir", "data.workers",
+    "data.augment_on_device",   # where the batch augmentation runs, not what it computes
     # Read by fresh runs only: a resumed run restores its weights.
     "init_from", "init_from_ema", "init_from_any_model", "reset_head",
 })
