@@ -109,9 +109,8 @@ class Recipe:
     def finish_on_device(self, batch: dict):
         """The model's input images from a batch of the device path (under jit)."""
         return device_augment.finish(
-            batch, layers=self.randaugment_layers, magnitude=self.randaugment_magnitude,
-            augment_before_mix=self.augment_before_mix, mixes=self.mixes, mean=self.mean,
-            std=self.std)
+            batch, magnitude=self.randaugment_magnitude, augments_each=self.augments_each,
+            augments_rows=self.augments_rows, mixes=self.mixes, mean=self.mean, std=self.std)
 
 
 def _randaugment(image: np.ndarray, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:

@@ -114,25 +114,28 @@ def _affine(image, args):
     return jnp.where(inside[:, :, None], sampled, np.uint8(ra.FILL))
 
 
-def _cutout(image, args, half_side: int):
-    height, width = image.shape[:2]
-    centre_y, centre_x = args[6].astype(jnp.int32), args[7].astype(jnp.int32)
+def _in_box(height: int, width: int, top, left, box_height, box_width):
+    """[height, width, 1] mask of the pixels in rows [top, top + box_height) and columns
+    [left, left + box_width) (bounds may lie outside the image)."""
     y = jnp.arange(height)[:, None]
     x = jnp.arange(width)[None, :]
-    inside = ((y >= centre_y - half_side) & (y < centre_y + half_side)
-              & (x >= centre_x - half_side) & (x < centre_x + half_side))
-    return jnp.where(inside[:, :, None], np.uint8(ra.FILL), image)
+    inside = (y >= top) & (y < top + box_height) & (x >= left) & (x < left + box_width)
+    return inside[:, :, None]
+
+
+def _cutout(image, args, half_side: int):
+    centre_y, centre_x = args[6].astype(jnp.int32), args[7].astype(jnp.int32)
+    inside = _in_box(*image.shape[:2], centre_y - half_side, centre_x - half_side,
+                     2 * half_side, 2 * half_side)
+    return jnp.where(inside, np.uint8(ra.FILL), image)
 
 
 def _ops(magnitude: float, height: int, width: int) -> dict:
     """The 16 ops at `magnitude` as functions (image uint8 [H, W, 3], args [PLAN_ARGS])."""
-    level = magnitude / ra.MAX_LEVEL
-    factor = ra.enhance_factor(magnitude)
-    bits = int(level * 4)
-    shift = np.uint8(min(max(8 - bits, 0), 7))
-    threshold = int(level * 256)
-    addition = int(level * 110)
-    grey = np.uint8(min(height * width / 256.0, 255.0))
+    arguments = ra.level_arguments(magnitude)
+    factor, threshold, addition = (arguments[k] for k in ("factor", "threshold", "addition"))
+    shift = ra.posterize_shift(arguments["bits"])
+    grey = ra.contrast_grey(height, width)
 
     def solarize_add(image, args):
         added = jnp.clip(image.astype(jnp.int32) + addition, 0, 255).astype(jnp.uint8)
@@ -155,7 +158,7 @@ def _ops(magnitude: float, height: int, width: int) -> dict:
         "ShearY": _affine,
         "TranslateX": _affine,
         "TranslateY": _affine,
-        "Cutout": lambda image, args: _cutout(image, args, ra.cutout_half_side(magnitude)),
+        "Cutout": lambda image, args: _cutout(image, args, arguments["half_side"]),
         "SolarizeAdd": solarize_add,
     }
     assert tuple(ops) == ra.OP_NAMES
@@ -180,30 +183,26 @@ def _randaugment_floats(images, ops, args, magnitude: float):
 
 def _mix(first, second, weights, box, cutmix):
     """One row: MixUp's weighted sum, or CutMix's box from the first image on the second."""
-    height, width = first.shape[:2]
-    top, left, box_height, box_width = (box[i] for i in range(4))
-    y = jnp.arange(height)[:, None]
-    x = jnp.arange(width)[None, :]
-    inside = (y >= top) & (y < top + box_height) & (x >= left) & (x < left + box_width)
-    pasted = jnp.where(inside[:, :, None], first, second)
+    pasted = jnp.where(_in_box(*first.shape[:2], *(box[i] for i in range(4))), first, second)
     return jnp.where(cutmix, pasted, _product(weights[0], first) + _product(weights[1], second))
 
 
-def finish(batch: dict, *, layers: int, magnitude: float, augment_before_mix: bool,
+def finish(batch: dict, *, magnitude: float, augments_each: bool, augments_rows: bool,
            mixes: bool, mean, std):
     """The model's input images [B, size, size, 3] float32 from a device-path batch: the
-    NumPy path's RandAugment, mixing and normalisation, in its order."""
+    NumPy path's RandAugment (on each example or on each mixed row, as the recipe places it),
+    mixing and normalisation, in its order."""
     images = batch["images"]
     rows, examples = images.shape[:2]
-    if layers and (augment_before_mix or not mixes):
+    if augments_each:
         flat = images.reshape(rows * examples, *images.shape[2:])
-        ops = batch["ra_ops"].reshape(rows * examples, layers)
-        args = batch["ra_args"].reshape(rows * examples, layers, ra.PLAN_ARGS)
+        ops = batch["ra_ops"].reshape(rows * examples, -1)
+        args = batch["ra_args"].reshape(rows * examples, -1, ra.PLAN_ARGS)
         images = _randaugment_floats(flat, ops, args, magnitude).reshape(images.shape)
     if mixes:
         images = jax.vmap(_mix)(images[:, 0], images[:, 1], batch["mix_weights"],
                                 batch["mix_box"], batch["mix_cutmix"])
-        if layers and not augment_before_mix:
+        if augments_rows:
             images = _randaugment_floats(images, batch["ra_ops"][:, 0], batch["ra_args"][:, 0],
                                          magnitude)
     else:

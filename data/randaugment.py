@@ -89,9 +89,12 @@ def invert(image: np.ndarray) -> np.ndarray:
     return 255 - image
 
 
+def posterize_shift(bits: int) -> np.uint8:
+    return np.uint8(min(max(8 - bits, 0), 7))   # TF clamps shift counts to [0, 7] for uint8
+
+
 def posterize(image: np.ndarray, bits: int) -> np.ndarray:
-    # TF clamps shift counts to [0, 7] for uint8.
-    shift = np.uint8(min(max(8 - bits, 0), 7))
+    shift = posterize_shift(bits)
     return (image >> shift) << shift
 
 
@@ -108,11 +111,13 @@ def color(image: np.ndarray, factor: float) -> np.ndarray:
     return blend(_gray_rgb(grayscale(image)), image, factor)
 
 
+def contrast_grey(height: int, width: int) -> np.uint8:
+    """TF1's "mean": the histogram's total count / 256 (see the module docstring)."""
+    return np.uint8(min(height * width / 256.0, 255.0))
+
+
 def contrast(image: np.ndarray, factor: float) -> np.ndarray:
-    height, width = image.shape[:2]
-    # TF1's "mean": the histogram's total count / 256 (see the module docstring).
-    grey = min(height * width / 256.0, 255.0)
-    degenerate = np.full(image.shape, np.uint8(grey), np.uint8)
+    degenerate = np.full(image.shape, contrast_grey(*image.shape[:2]), np.uint8)
     return blend(degenerate, image, factor)
 
 
@@ -216,8 +221,12 @@ def _signed(value: float, rng: np.random.Generator) -> float:
     return value if rng.random() < 0.5 else -value
 
 
-def enhance_factor(magnitude: float) -> float:
-    return magnitude / MAX_LEVEL * 1.8 + 0.1
+def level_arguments(magnitude: float) -> dict:
+    """The arguments the non-geometric ops take at `magnitude` (TF1's level_to_arg)."""
+    level = magnitude / MAX_LEVEL
+    return {"bits": int(level * 4), "threshold": int(level * 256),
+            "addition": int(level * 110), "factor": level * 1.8 + 0.1,
+            "half_side": int(level * CUTOUT_CONSTANT)}
 
 
 GEOMETRIC = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateX": TRANSLATE_CONSTANT,
@@ -234,27 +243,23 @@ def draw_args(name: str, magnitude: float, rng: np.random.Generator, height: int
     return 0.0, 0, 0
 
 
-def cutout_half_side(magnitude: float) -> int:
-    return int(magnitude / MAX_LEVEL * CUTOUT_CONSTANT)
-
-
 OPS = {
     "AutoContrast": lambda im, m, args: auto_contrast(im),
     "Equalize": lambda im, m, args: equalize(im),
     "Invert": lambda im, m, args: invert(im),
     "Rotate": lambda im, m, args: rotate(im, args[0]),
-    "Posterize": lambda im, m, args: posterize(im, int(m / MAX_LEVEL * 4)),
-    "Solarize": lambda im, m, args: solarize(im, int(m / MAX_LEVEL * 256)),
-    "Color": lambda im, m, args: color(im, enhance_factor(m)),
-    "Contrast": lambda im, m, args: contrast(im, enhance_factor(m)),
-    "Brightness": lambda im, m, args: brightness(im, enhance_factor(m)),
-    "Sharpness": lambda im, m, args: sharpness(im, enhance_factor(m)),
+    "Posterize": lambda im, m, args: posterize(im, level_arguments(m)["bits"]),
+    "Solarize": lambda im, m, args: solarize(im, level_arguments(m)["threshold"]),
+    "Color": lambda im, m, args: color(im, level_arguments(m)["factor"]),
+    "Contrast": lambda im, m, args: contrast(im, level_arguments(m)["factor"]),
+    "Brightness": lambda im, m, args: brightness(im, level_arguments(m)["factor"]),
+    "Sharpness": lambda im, m, args: sharpness(im, level_arguments(m)["factor"]),
     "ShearX": lambda im, m, args: shear_x(im, args[0]),
     "ShearY": lambda im, m, args: shear_y(im, args[0]),
     "TranslateX": lambda im, m, args: translate_x(im, args[0]),
     "TranslateY": lambda im, m, args: translate_y(im, args[0]),
-    "Cutout": lambda im, m, args: cutout(im, args[1], args[2], cutout_half_side(m)),
-    "SolarizeAdd": lambda im, m, args: solarize_add(im, int(m / MAX_LEVEL * 110)),
+    "Cutout": lambda im, m, args: cutout(im, args[1], args[2], level_arguments(m)["half_side"]),
+    "SolarizeAdd": lambda im, m, args: solarize_add(im, level_arguments(m)["addition"]),
 }
 OP_NAMES = tuple(OPS)
 

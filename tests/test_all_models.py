@@ -12,7 +12,6 @@ native convs, in half the time (shapes do not depend on the lowering, tests/test
 import contextlib
 import functools
 import json
-import os
 
 import haiku as hk
 import jax
@@ -45,15 +44,9 @@ def _zeros(next_creator, shape, dtype, init, context):
 @contextlib.contextmanager
 def native_lowering():
     """XLA's native convs while tracing (nets.layers.default_lowering reads the variable)."""
-    before = os.environ.get("NETS_CONV_LOWERING")
-    os.environ["NETS_CONV_LOWERING"] = "native"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NETS_CONV_LOWERING", "native")
         yield
-    finally:
-        if before is None:
-            del os.environ["NETS_CONV_LOWERING"]
-        else:
-            os.environ["NETS_CONV_LOWERING"] = before
 
 
 @functools.cache
