@@ -187,10 +187,11 @@ def _grouped_split(x, w, stride, pads, dilation, groups):
         [_native_conv(xi, wi, stride, pads, dilation, 1) for xi, wi in zip(xs, ws)], axis=-1)
 
 
-def _taps(x, kernel, stride, pads, dilation):
-    """Yields (kernel offset, the input window that offset multiplies) over the padded input."""
+def _taps(x, kernel, stride, pads, dilation, fill=0.0):
+    """Yields (kernel offset, the input window that offset multiplies) over the input padded
+    with `fill`."""
     nd = len(kernel)
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=fill)
     out_size = [(x.shape[1 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
                 for i in range(nd)]
     for offset in np.ndindex(*kernel):
@@ -567,12 +568,56 @@ def activation(name: str) -> Callable:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-def max_pool(x, window: int, stride: int, padding: Padding = 0):
-    """Max pooling over the spatial axes with PyTorch (int) or TF ("same") padding."""
+def max_pool(x, window: int, stride: int, padding: Padding = 0,
+             lowering: Literal["auto", "native", "cpu"] = "auto"):
+    """Max pooling over the spatial axes with PyTorch (int) or TF ("same") padding.
+
+    "native" is XLA's reduce_window, whose gradient is a select-and-scatter; "cpu" computes
+    the same values and gradients (each window's gradient to its first maximum, as
+    select-and-scatter) from shifted slices, which XLA:CPU runs several times faster in the
+    backward pass; "auto" picks by backend (`default_lowering`)."""
     nd = x.ndim - 2
-    pads = conv_padding(padding, x.shape[1:-1], (window,) * nd, (stride,) * nd, (1,) * nd)
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *(window,) * nd, 1),
-                             (1, *(stride,) * nd, 1), [(0, 0), *pads, (0, 0)])
+    window, stride = (window,) * nd, (stride,) * nd
+    pads = conv_padding(padding, x.shape[1:-1], window, stride, (1,) * nd)
+    if lowering == "auto":
+        lowering = "native" if default_lowering() == "native" else "cpu"
+    if lowering == "native":
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *stride, 1),
+                                 [(0, 0), *pads, (0, 0)])
+    if lowering != "cpu":
+        raise ValueError(f"unknown max-pool lowering {lowering!r}; use 'auto', 'native' or 'cpu'")
+    return _shifted_max_pool(x, window, stride, tuple(map(tuple, pads)))
+
+
+def _pool_windows(x, window, stride, pads):
+    return [w for _, w in _taps(x, window, stride, pads, (1,) * len(window), fill=-jnp.inf)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shifted_max_pool(x, window, stride, pads):
+    return functools.reduce(jnp.maximum, _pool_windows(x, window, stride, pads))
+
+
+def _shifted_max_pool_fwd(x, window, stride, pads):
+    y = _shifted_max_pool(x, window, stride, pads)
+    return y, (x, y)
+
+
+def _shifted_max_pool_bwd(window, stride, pads, residuals, dy):
+    """Routes each output's gradient to the first window position (in row-major order) that
+    holds the maximum, as XLA's select-and-scatter with `>=` does: ties after a ReLU are common."""
+    x, y = residuals
+    windows, scatter = jax.vjp(lambda x: _pool_windows(x, window, stride, pads), x)
+    taken = jnp.zeros(y.shape, bool)
+    routed = []
+    for w in windows:
+        first = (w == y) & ~taken
+        taken = taken | first
+        routed.append(jnp.where(first, dy, jnp.zeros_like(dy)))
+    return scatter(routed)
+
+
+_shifted_max_pool.defvjp(_shifted_max_pool_fwd, _shifted_max_pool_bwd)
 
 
 def avg_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,

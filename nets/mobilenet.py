@@ -385,6 +385,9 @@ def torch_v3_name(path: str, config: Mapping[str, Any]) -> str:
 KERAS_V2 = dict(padding="same", bn_decay=0.999, bn_eps=1e-3, unbiased_running_var=False,
                 dropout_rate=0.0)
 KERAS_V3 = dict(padding="same", bn_decay=0.999, bn_eps=1e-3, unbiased_running_var=False)
+# The smaller input sizes keras.applications has ImageNet weights for (besides 224).
+KERAS_V1_SIZES = (128, 160, 192)
+KERAS_V2_SIZES = (96, 128, 160, 192)
 # Keras MobileNets take inputs scaled to [-1, 1] ("tf" mode); torchvision's the ImageNet mean/std.
 KERAS_INPUTS = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -393,31 +396,48 @@ TORCH_INPUTS = Preprocessing()
 
 
 def _variant(name, builder, reference, counts, classifier, preprocessing=TORCH_INPUTS,
-             torch_name=None, keras_name=None, keras_builder=None, **config) -> ModelInfo:
+             torch_name=None, keras_name=None, keras_builder=None,
+             resolution=224, **config) -> ModelInfo:
     with_head, no_head, bn_stats = counts or (None, None, None)
     return ModelInfo(name=name, family="mobilenet", builder=builder, config=config,
                      reference=reference, reference_params=with_head,
                      reference_params_no_head=no_head, reference_bn_stat_elems=bn_stats,
-                     preprocessing=preprocessing, classifier=classifier, torch_name=torch_name,
-                     keras_name=keras_name, keras_builder=keras_builder)
+                     train_size=resolution, test_size=resolution, preprocessing=preprocessing,
+                     classifier=classifier, torch_name=torch_name, keras_name=keras_name,
+                     keras_builder=keras_builder)
 
 
+V1_COUNTS = (4231976, 3206976, 21888)
 V2_COUNTS = (3504872, 2223872, 34112)
 V3_LARGE_COUNTS = (5483032, 4202032, 24400)
 V3_SMALL_COUNTS = (2542856, 1517856, 12112)
 
 VARIANTS = (
     # timm's mobilenetv1_100 has Keras' layers (its padding is symmetric): the count is shared.
-    _variant("mobilenet_v1", MobileNetV1, "keras:MobileNet", (4231976, 3206976, 21888),
+    _variant("mobilenet_v1", MobileNetV1, "keras:MobileNet", V1_COUNTS,
              "conv_preds", KERAS_INPUTS, keras_name=keras_v1_name, keras_builder="MobileNet"),
     *(_variant(f"mobilenet_v1_{int(a * 100):03d}", MobileNetV1, f"keras:MobileNet(alpha={a})",
                None, "conv_preds", KERAS_INPUTS, keras_name=keras_v1_name,
                keras_builder="MobileNet", alpha=a)
       for a in (0.75, 0.5, 0.25)),
+    # The resolution multiplier (the MobileNet paper's rho): the same networks trained and
+    # evaluated at the smaller inputs keras.applications has weights for; the name ends in the
+    # input size ("mobilenet_v1_050_160" is alpha 0.5 at 160 px).
+    *(_variant(f"mobilenet_v1{'' if a == 1 else f'_{int(a * 100):03d}'}_{px}", MobileNetV1,
+               f"keras:MobileNet(alpha={a}, input_shape=({px}, {px}, 3))",
+               V1_COUNTS if a == 1 else None, "conv_preds", KERAS_INPUTS,
+               keras_name=keras_v1_name, keras_builder="MobileNet", resolution=px,
+               **({} if a == 1 else {"alpha": a}))
+      for a in (1.0, 0.75, 0.5, 0.25) for px in KERAS_V1_SIZES),
     _variant("mobilenet_v2", MobileNetV2, "torchvision:mobilenet_v2", V2_COUNTS, "classifier",
              torch_name=torch_v2_name),
     _variant("keras_mobilenet_v2", MobileNetV2, "keras:MobileNetV2", V2_COUNTS, "classifier",
              KERAS_INPUTS, keras_name=keras_v2_name, keras_builder="MobileNetV2", **KERAS_V2),
+    *(_variant(f"keras_mobilenet_v2_{px}", MobileNetV2,
+               f"keras:MobileNetV2(input_shape=({px}, {px}, 3))", V2_COUNTS, "classifier",
+               KERAS_INPUTS, keras_name=keras_v2_name, keras_builder="MobileNetV2",
+               resolution=px, **KERAS_V2)
+      for px in KERAS_V2_SIZES),
     _variant("mobilenet_v3_large", MobileNetV3, "torchvision:mobilenet_v3_large",
              V3_LARGE_COUNTS, "classifier", torch_name=torch_v3_name, size="large"),
     _variant("mobilenet_v3_small", MobileNetV3, "torchvision:mobilenet_v3_small",

@@ -265,3 +265,32 @@ def test_mobilenet_v1_width_multipliers_count_as_keras(alpha):
     params, state = nets.introspect.shapes(name)
     assert count(params) == trainable
     assert count(state) == sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+
+
+RESOLUTION_VARIANTS = [n for n in nets.list_models("*mobilenet*")
+                       if nets.model_info(n).train_size != 224]
+
+
+@pytest.mark.parametrize("name", RESOLUTION_VARIANTS)
+def test_resolution_variants_are_their_networks_at_keras_input_sizes(name):
+    """The resolution multiplier changes the input only: the variant at px is the 224-px
+    variant's network, trained and evaluated at px, one of the sizes keras.applications has
+    weights for (MobileNet 128/160/192, MobileNetV2 96/128/160/192)."""
+    info = nets.model_info(name)
+    base = nets.model_info(name.rsplit("_", 1)[0])
+    px = int(name.rsplit("_", 1)[1])
+    assert (info.train_size, info.test_size) == (px, px) and base.train_size == 224
+    assert px in {"MobileNet": (128, 160, 192), "MobileNetV2": (96, 128, 160, 192)}[
+        info.keras_builder]
+    assert (info.builder, info.config, info.preprocessing, info.keras_builder) == (
+        base.builder, base.config, base.preprocessing, base.keras_builder)
+    assert info.reference_params == base.reference_params
+
+
+def test_a_resolution_variant_equals_keras_built_at_its_size():
+    model = _keras_model("MobileNet", size=128, alpha=0.5)
+    images = random_images(1, 128, seed=4)
+    params, state = nets.convert.from_keras("mobilenet_v1_050_128", model)
+    logits, _ = jitted_apply("mobilenet_v1_050_128")(params, state, None, images,
+                                                     is_training=False)
+    np.testing.assert_allclose(logits, _keras_eval(model, images), atol=1e-4)

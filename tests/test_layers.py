@@ -81,9 +81,56 @@ def test_accelerators_keep_xlas_native_convolutions(monkeypatch, backend, in_loo
         convs = _convs_traced(case, in_loop)
         # the forward, the input gradient and the kernel gradient: three convolutions
         assert convs == ["conv_general_dilated"] * 3, (case, convs)
+    assert _max_pool_primitives() == {"reduce_window_max", "select_and_scatter_add"}
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert layers.default_lowering(in_loop=in_loop) == ("cpu_loop" if in_loop else "cpu")
     assert "dot_general" in _convs_traced("pointwise_strided", in_loop)  # a 1x1 as a matmul
+    assert _max_pool_primitives() == {"max"}  # shifted slices, no reduce_window
+
+
+def _max_pool_primitives():
+    """The pooling primitives of an "auto" max-pool's forward and backward, as traced here."""
+    f = lambda x: jnp.sum(layers.max_pool(x, 3, 2, padding=1))
+    jaxpr = jax.make_jaxpr(jax.grad(f))(_rand(2, 9, 9, 3))
+    names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    for eqn in jaxpr.jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= {e.primitive.name for e in sub.eqns}
+    return {n for n in names if n == "max" or "window" in n or "scatter" in n}
+
+
+POOL_CASES = {
+    # name: (input shape, window, stride, padding)
+    "resnet_stem_odd": ((2, 9, 9, 3), 3, 2, 1),
+    "resnet_stem_even": ((2, 8, 8, 3), 3, 2, 1),
+    "tf_same": ((2, 8, 8, 3), 3, 2, "same"),
+    "window_2_stride_1": ((2, 7, 7, 3), 2, 1, 0),
+    "one_d": ((2, 10, 5), 3, 2, 1),
+    "video": ((1, 4, 6, 6, 2), 3, 2, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_cpu_max_pool_equals_native_in_value_and_gradient_with_ties(case):
+    """The shifted-slice max-pool gives each window's gradient to its first maximum, as XLA's
+    select-and-scatter does. Inputs ReLU'd from {-2..2} make most windows tie (zeros);
+    integer cotangents keep the gradient's sums exact, so both are compared for equality."""
+    shape, window, stride, padding = POOL_CASES[case]
+    rng = np.random.default_rng(0)
+    x = jax.nn.relu(jnp.asarray(rng.integers(-2, 3, shape), jnp.float32))
+    assert float(jnp.mean(x == 0)) > 0.5
+
+    def run(lowering):
+        y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding, lowering), x)
+        cotangent = jnp.asarray(rng.integers(1, 9, y.shape), jnp.float32)
+        return y, vjp(cotangent)[0]
+
+    rng = np.random.default_rng(1)
+    y_native, g_native = run("native")
+    rng = np.random.default_rng(1)
+    y_cpu, g_cpu = run("cpu")
+    np.testing.assert_array_equal(y_cpu, y_native)
+    np.testing.assert_array_equal(g_cpu, g_native)
 
 
 def test_same_padding_is_tensorflows():

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,13 +26,32 @@ def _png(path):
 
 
 def test_feature_maps(resnet18, tmp_path):
+    """Stages and any module by its path: layer2_0.conv1's 128 channels at 1/8 of the input
+    (the conv's output, computed again by hand from the stage-1 map: 3x3, stride 2)."""
     params, state = resnet18
-    path = visualize.feature_maps("resnet18", params, state, random_images(1, 32)[0],
-                                  str(tmp_path / "maps.png"), layers=("stage1", "stage4"), k=8)
-    assert _png(path) == (2 * visualize.PANEL_PX, 8 * visualize.PANEL_PX)
-    with pytest.raises(ValueError, match="no feature map.*stage5.*stage1"):
-        visualize.feature_maps("resnet18", params, state, random_images(1, 32)[0],
-                               str(tmp_path / "x.png"), layers=("stage5",))
+    image = random_images(1, 32)[0]
+    layers = ("stage1", "layer2_0.conv1", "stage4")
+    path = visualize.feature_maps("resnet18", params, state, image, str(tmp_path / "maps.png"),
+                                  layers=layers, k=8)
+    assert _png(path) == (3 * visualize.PANEL_PX, 8 * visualize.PANEL_PX)
+    maps = visualize._maps("resnet18", params, state, image[None], layers, {})
+    assert maps["layer2_0.conv1"].shape == (1, 4, 4, 128)
+    expected = jax.lax.conv_general_dilated(
+        maps["stage1"], params["resnet/layer2_0/conv1"]["w"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(maps["layer2_0.conv1"], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="no feature map or module.*stage5.*stage1"):
+        visualize.feature_maps("resnet18", params, state, image, str(tmp_path / "x.png"),
+                               layers=("stage5",))
+    with pytest.raises(ValueError, match="no feature map or module.*layer2_0.conv9.*"
+                                         "close paths.*layer2_0.conv1"):
+        visualize.feature_maps("resnet18", params, state, image, str(tmp_path / "x.png"),
+                               layers=("layer2_0.conv9",))
+    se_params, se_state = nets.introspect.shapes("seresnet50")  # checked before computing
+    with pytest.raises(ValueError, match=r"'layer1_0.se.fc1' outputs \(1, 16\), not a map"):
+        visualize._maps("seresnet50", se_params, se_state, image[None], ("layer1_0.se.fc1",), {})
+    with pytest.raises(ValueError, match="stacked blocks.*scan_blocks=False"):
+        visualize._maps("nfnet_f0", {}, {}, image[None], ("stage1_blocks.conv1",), {})
     with pytest.raises(ValueError, match="channels"):
         visualize.feature_maps("resnet18", params, state, random_images(1, 32, channels=1)[0],
                                str(tmp_path / "x.png"))

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import re
 
+import haiku as hk
 import jax
 import numpy as np
 
@@ -68,9 +72,11 @@ def _save(fig, path: str) -> str:
 def feature_maps(name: str, params, state, image, path: str,
                  layers=("stage1", "stage2", "stage3", "stage4"), k: int = 16,
                  **overrides) -> str:
-    """The first k channels of the chosen stage maps of one image [H, W, C] (or [1, H, W, C]),
-    one row per stage, each map scaled to its own range. `params` / `state` are the model's
-    (with or without the head: `features` does not use it)."""
+    """The first k channels of the chosen maps of one image [H, W, C] (or [1, H, W, C]), one
+    row per map, each map scaled to its own range. A layer is a stage ("stage2") or the dotted
+    path of any module (as `kernel_statistics` and weight conversion name them, e.g.
+    "layer2_0.conv1"), whose output (its first call's) is drawn. `params` / `state` are the
+    model's (with or without the head: `features` does not use it)."""
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     image = np.asarray(image, np.float32)
@@ -79,12 +85,7 @@ def feature_maps(name: str, params, state, image, path: str,
     nets.layers.check_images(image, name, image.shape[-1])
     if image.shape[0] != 1:
         raise ValueError(f"feature_maps draws one image; got a batch of {image.shape[0]}")
-    f = nets.transformed_features(name, **overrides)
-    apply = jax.jit(f.apply, static_argnames="is_training")
-    maps, _ = apply(params, state, None, image, is_training=False)
-    unknown = [layer for layer in layers if layer not in maps]
-    if unknown:
-        raise ValueError(f"{name} has no feature map {unknown}; it has {sorted(maps)}")
+    maps = _maps(name, params, state, image, layers, overrides)
     fig, axes = _figure(k, len(layers), (PANEL_PX, PANEL_PX))
     for row, layer in enumerate(layers):
         x = np.asarray(maps[layer][0], np.float32)
@@ -95,6 +96,52 @@ def feature_maps(name: str, params, state, image, path: str,
         axes[row, 0].set_yticks([])
         axes[row, 0].set_ylabel(layer, fontsize=8)
     return _save(fig, path)
+
+
+def _maps(name: str, params, state, image, layers, overrides) -> dict:
+    """The stage maps of `features`, plus the outputs of the modules named in `layers`,
+    recorded as the forward calls them (`hk.intercept_methods`)."""
+    stacked = nets.model_info(name).stacked_modules
+    for layer in layers:
+        if stacked and re.match(stacked, layer):
+            raise ValueError(f"{layer!r} is inside {name}'s stacked blocks (one scan over "
+                             f"them): build the model unstacked to draw it (e.g. "
+                             f"scan_blocks=False where the model has that option)")
+    called: set[str] = set()
+
+    def record(next_f, args, kwargs, context):
+        out = next_f(*args, **kwargs)
+        if context.method_name == "__call__":
+            layer = module_path(context.module.module_name)
+            called.add(layer)
+            if layer in layers and layer not in outputs:
+                outputs[layer] = out
+        return out
+
+    def forward(images):
+        with hk.intercept_methods(record):
+            maps = nets.create(name, 0, **overrides).features(images, is_training=False)
+        return maps, outputs
+
+    outputs: dict = {}
+    apply = functools.partial(hk.transform_with_state(forward).apply, rng=None)
+    # Checks the layers before compiling.
+    (stages, modules), _ = jax.eval_shape(apply, params, state, images=image)
+    unknown = [layer for layer in layers if layer not in stages and layer not in modules]
+    if unknown:
+        close = {m for layer in unknown for m in difflib.get_close_matches(layer, called, 3)}
+        hint = f"; modules with close paths: {sorted(close)}" if close else ""
+        raise ValueError(f"{name} has no feature map or module {unknown}; its stages are "
+                         f"{sorted(stages)}{hint}")
+    maps = {**modules, **stages}  # a stage's name wins over a module of that path
+    for layer in set(layers) - set(stages):
+        if not isinstance(maps[layer], jax.ShapeDtypeStruct) or maps[layer].ndim != 4:
+            shape = getattr(maps[layer], "shape", type(maps[layer]).__name__)
+            raise ValueError(f"{name}'s module {layer!r} outputs {shape}, not a map "
+                             f"[1, H, W, C]")
+    outputs.clear()
+    stages, modules = jax.jit(apply)(params, state, images=image)[0]
+    return {**modules, **stages}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +160,9 @@ class LeafStatistics:
 
 
 def kernel_statistics(params) -> list[LeafStatistics]:
-    """Mean, standard deviation (population), min and max of every parameter leaf, in float64,
-    sorted by module path."""
+    """Mean, standard deviation, min and max of every parameter leaf, in float64, sorted by
+    module path. The standard deviation is the population's (NumPy's default, ddof=0: divided
+    by the element count, not by count - 1)."""
     rows = []
     for module in sorted(params):
         for leaf in sorted(params[module]):
