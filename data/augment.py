@@ -170,6 +170,29 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return flip(image) if rng.random() < 0.5 else image
 
 
+PAD_FILLS = ("mean", "zeros", "reflect")
+
+
+def random_pad_crop(image: np.ndarray, rng: np.random.Generator, pad: int, fill: str,
+                    mean: tuple[float, ...]) -> np.ndarray:
+    """The CIFAR papers' translation augmentation: the image padded by `pad` px on every side,
+    then cropped back to its size at an offset uniform over the 2 * pad + 1 positions of each
+    axis. `fill`: "mean" (the `mean` colour: fb.resnet.torch, whose DenseNet code zero-pads
+    after normalising), "zeros" (black: torchvision's RandomCrop(padding=) on PIL images) or
+    "reflect" (the Wide ResNet code's reflection)."""
+    height, width = image.shape[:2]
+    pads = ((pad, pad), (pad, pad), (0, 0))
+    if fill == "reflect":
+        padded = np.pad(image, pads, mode="reflect")
+    else:
+        padded = np.pad(image, pads)
+        if fill == "mean":
+            padded[:pad], padded[pad + height:] = mean, mean
+            padded[:, :pad], padded[:, pad + width:] = mean, mean
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    return padded[top:top + height, left:left + width]
+
+
 def resize_crop_32(image: np.ndarray, size: int, image_ops: str,
                    interpolation: str) -> np.ndarray:
     """NFNet eval: the whole image (aspect not kept) to size + 32 square, centre size crop."""

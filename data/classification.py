@@ -58,6 +58,8 @@ class Recipe:
     skip_unreadable: bool = False
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
     augment_on_device: bool = False
+    pad_crop: int = 0
+    pad_fill: str = "mean"
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
@@ -72,6 +74,13 @@ class Recipe:
                              "data.interpolation='bicubic' or data.image_ops='torchvision'")
         if cfg.randaugment_layers < 0 or cfg.mixup_alpha < 0:
             raise ValueError("data.randaugment_layers and data.mixup_alpha must be >= 0")
+        if cfg.get("pad_crop", 0) < 0 or cfg.get("pad_fill", "mean") not in augment.PAD_FILLS:
+            raise ValueError(f"data.pad_crop must be >= 0 and data.pad_fill one of "
+                             f"{augment.PAD_FILLS}; got {cfg.get('pad_crop')!r}, "
+                             f"{cfg.get('pad_fill')!r}")
+        if cfg.get("pad_crop", 0) and cfg.random_resized_crop:
+            raise ValueError("data.pad_crop translates the whole image instead of the "
+                             "random-resized crop; set data.random_resized_crop=False")
         if cfg.get("max_image_pixels", 0) < 0:
             raise ValueError("data.max_image_pixels must be >= 0 (0: no limit)")
         values = {}
@@ -135,6 +144,9 @@ def train_image(image, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
                                      recipe.eval_preprocess, size,
                                      recipe.crop_fraction, recipe.image_ops,
                                      recipe.interpolation)
+    if recipe.pad_crop:
+        pixels = augment.random_pad_crop(pixels, rng, recipe.pad_crop, recipe.pad_fill,
+                                         recipe.mean)
     return augment.random_flip(pixels, rng) if recipe.flip else pixels
 
 

@@ -41,6 +41,9 @@ def base() -> ml_collections.ConfigDict:
         random_resized_crop=True,
         min_area=0.08,
         flip=True,
+        pad_crop=0,                 # > 0 (with random_resized_crop=False): the CIFAR papers'
+                                    # translation, the image padded by this many px and cropped
+        pad_fill="mean",            # back at a random offset; fill "mean", "zeros", "reflect"
         mixup_alpha=0.0,            # > 0: rows mix two images, lambda ~ Beta(alpha, alpha)
         cutmix=False,               # with MixUp: half the rows MixUp, half CutMix
         randaugment_layers=0,       # RandAugment (TF1 AutoAugment ops, data/randaugment.py)
@@ -117,6 +120,12 @@ def base() -> ml_collections.ConfigDict:
         temperature=4.0,            # T: both softmaxes at logits / T; the soft term x T^2
     ))
 
+    # CondenseNet's condensation (training/condensation.py): read by task "condensation".
+    c.condensation = ml_collections.ConfigDict(dict(
+        group_lasso_lambda=0.0,     # weight of the group lasso on the learned group convs,
+                                    # added to the loss while condensing (first half)
+    ))
+
     # Detection (training/detection.py): read by task "detection".
     c.detection = ml_collections.ConfigDict(dict(
         focal_alpha=0.25,           # the official loss (detection/losses.py)
@@ -154,7 +163,7 @@ def local(c: ml_collections.ConfigDict, *, size: int = 32, batch: int = 64,
         train_size=size, test_size=size, eval_preprocess="resize_shorter_crop",
         crop_fraction=1.0,
         # Digits are not mirror-symmetric and fill the frame: mild crops, no flips.
-        random_resized_crop=True, min_area=0.5, flip=False, randaugment_layers=0,
+        random_resized_crop=True, min_area=0.5, flip=False, randaugment_layers=0, pad_crop=0,
         workers=0,                  # 32 px images: threads beat starting processes
     ))
     c.batch_size = batch

@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -307,6 +308,30 @@ _KERAS_LEAF_INDEX = {"w": 0, "b": 1, "scale": 0, "offset": 1, "mean": 2, "var": 
 _KERAS_INPUT_LAYERS = ("rescaling", "normalization")
 
 
+# Keras names a layer built without a name after its class with a session-wide counter
+# ("conv2d", "conv2d_1", ...; Keras 2 files count from "conv2d_1"), so the numbers depend on what
+# was built before (Xception's shortcut convs and BatchNorms, all of InceptionV3's convs and
+# BatchNorms are unnamed). Such layers are compared under the names a fresh Keras 3 session
+# gives: by rank of their number among the auto-named layers of their class, which is their
+# creation order (a functional model lists its layers by graph depth, which in Inception's
+# parallel branches is not the order they were built in).
+_KERAS_AUTO_NAME = re.compile(
+    r"(conv2d|batch_normalization|dense|depthwise_conv2d|separable_conv2d)(_\d+)?")
+
+
+def _fresh_session_names(layer_names) -> dict[str, str]:
+    """{layer name: the name a fresh Keras 3 session would give it} for auto-named layers."""
+    numbered: dict[str, list[tuple[int, str]]] = {}
+    for name in layer_names:
+        match = _KERAS_AUTO_NAME.fullmatch(name.lower())
+        if match:
+            number = int(match[2][1:]) if match[2] else 0
+            numbered.setdefault(match[1], []).append((number, name))
+    return {name: kind + (f"_{rank}" if rank else "")
+            for kind, layers in numbered.items()
+            for rank, (_, name) in enumerate(sorted(layers))}
+
+
 def keras_layer_key(layer_name: str) -> str:
     """Keras layer names as compared: Keras 2's MobileNetV3 files name "Conv/BatchNorm" and
     "expanded_conv_1/expand" what Keras 3 names "conv_bn" and "expanded_conv_1_expand"."""
@@ -393,15 +418,18 @@ def from_keras(name: str, weights, num_classes: int | None = None, **overrides):
         raise ValueError(f"{name} reproduces {info.reference}, not a keras.applications "
                          f"model.{hint}")
     tensors = {}
-    for layer, arrays in keras_layer_weights(weights).items():
+    layer_weights = keras_layer_weights(weights)
+    renames = _fresh_session_names(layer_weights)
+    for layer, arrays in layer_weights.items():
         if keras_layer_key(layer).startswith(_KERAS_INPUT_LAYERS):
             continue
         for i, array in enumerate(arrays):
-            tensors[f"{keras_layer_key(layer)}/{i}"] = array
+            tensors[f"{keras_layer_key(renames.get(layer, layer))}/{i}"] = array
 
     def key_fn(module, leaf, config):
         layer = info.keras_name(module_path(module), config)
-        return f"{keras_layer_key(layer)}/{_KERAS_LEAF_INDEX[leaf]}"
+        layer, offset = (layer, 0) if isinstance(layer, str) else layer
+        return f"{keras_layer_key(layer)}/{offset + _KERAS_LEAF_INDEX[leaf]}"
 
     config = {**info.config, **overrides}
     if num_classes is None:

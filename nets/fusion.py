@@ -8,9 +8,10 @@ fewer ops and no running statistics.
 
 Which BatchNorm follows which conv is read from the model itself: its eval-mode forward is
 traced (`jax.eval_shape`, nothing computed) and a BatchNorm is paired with the conv whose output
-it receives unchanged. (That conv's output must feed nothing else, or folding would change the
-other consumer too; no model in the zoo does that - tests/test_fusion.py compares every family's
-fused and unfused outputs.) For a pair, with s = gamma / sqrt(running_var + eps) per channel,
+it receives unchanged and no other module receives. (Nor may the conv's output feed an op
+outside modules, which the trace does not see; no model in the zoo does that -
+tests/test_fusion.py compares every family's fused and unfused outputs.) For a pair, with
+s = gamma / sqrt(running_var + eps) per channel,
 
     W' = W * s (over the output channels),    b' = (b - running_mean) * s + beta,
 
@@ -70,12 +71,17 @@ def plan(name: str, num_classes: int | None = None, **overrides) -> Plan:
     produced: dict[int, tuple[str, Any]] = {}
     folded: dict[str, str] = {}
     eps: dict[str, float] = {}
+    receivers: dict[str, set[str]] = collections.defaultdict(set)
 
     def record(next_f, args, kwargs, context):
         out = next_f(*args, **kwargs)
         module = context.module
         if context.method_name != "__call__":
             return out
+        for x in jax.tree.leaves((args, kwargs)):
+            conv, conv_out = produced.get(id(x), (None, None))
+            if conv_out is x:
+                receivers[conv].add(module.module_name)
         if isinstance(module, _CONVS):
             produced[id(out)] = (module.module_name, out)  # holding `out` keeps its id unique
         elif isinstance(module, layers.BatchNorm):
@@ -96,16 +102,21 @@ def plan(name: str, num_classes: int | None = None, **overrides) -> Plan:
     images = introspect.example_images(name, 1, 64, **overrides)
     jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0), images)
     # A conv shared by several BatchNorms (a detector head's conv, applied to every level
-    # with a BatchNorm per level) cannot take any one of them: they stay affines.
+    # with a BatchNorm per level) cannot take any one of them: they stay affines. Nor can a
+    # conv whose output another module also receives (the CIFAR DenseNet's stem conv feeds the
+    # first layer's BatchNorm and every later layer's concatenation): folding would change
+    # what that module sees.
     uses = collections.Counter(folded.values())
-    folded = {bn: conv for bn, conv in folded.items() if uses[conv] == 1}
+    folded = {bn: conv for bn, conv in folded.items()
+              if uses[conv] == 1 and receivers[conv] == {bn}}
     _PLANS[key] = Plan(folded, eps)
     return _PLANS[key]
 
 
 def _norm_affine(params, state, eps):
     """(s, beta - mean * s) of an eval-mode BatchNorm, in float64."""
-    s = np.asarray(params["scale"], np.float64) / np.sqrt(
+    scale = params.get("scale", 1.0)  # a BatchNorm without scale (Keras' scale=False): 1
+    s = np.asarray(scale, np.float64) / np.sqrt(
         np.asarray(state["var"], np.float64) + eps)
     return s, np.asarray(params["offset"], np.float64) - np.asarray(state["mean"], np.float64) * s
 

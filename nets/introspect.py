@@ -21,9 +21,10 @@ from nets import registry
 
 
 def example_images(name: str, batch: int = 1, size: int | None = None, **overrides):
-    """A `jax.ShapeDtypeStruct` for the variant's input (for eval_shape, init or tracing)."""
+    """A `jax.ShapeDtypeStruct` for the variant's input (for eval_shape, init or tracing):
+    `size` px (default its train size), at least its `min_input_size`."""
     info = registry.model_info(name)
-    size = size or info.train_size
+    size = max(size or info.train_size, info.min_input_size)
     channels = overrides.get("in_channels", info.config.get("in_channels", 3))
     frames = (info.num_frames,) if info.num_frames else ()  # video: [B, T, H, W, C]
     return jax.ShapeDtypeStruct((batch, *frames, size, size, channels), jnp.float32)

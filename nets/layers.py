@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import math
 import os
@@ -392,6 +393,20 @@ def classifier(x, num_classes: int, is_training: bool, *, dropout_rate: float = 
     return Linear(num_classes, name=name, **linear_kwargs)(x)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits", "auxiliary"],
+                   meta_fields=["weights"])
+@dataclasses.dataclass(frozen=True)
+class AuxiliaryOutputs:
+    """A classifier's training-mode output when it has auxiliary heads (GoogLeNet's two,
+    Inception-v3's one): the main `logits`, each auxiliary head's logits and, static, the weight
+    of each auxiliary head's loss in the training objective (the classification task adds
+    weight * loss(auxiliary) to loss(logits)). In eval mode such a model returns plain logits."""
+
+    logits: jax.Array
+    auxiliary: tuple[jax.Array, ...]
+    weights: tuple[float, ...]
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation
 
@@ -460,21 +475,25 @@ class BatchNorm(hk.Module):
     Keras' momentum is the decay itself (0.99, eps 1e-3, biased running variance).
     Statistics are reduced in float32 over every axis but the last; under `jax.jit` with the
     batch sharded across devices they are the global batch's (synchronised BatchNorm).
+    `create_scale=False` has no `scale` (a fixed 1, as Keras' `scale=False`: the next layer is
+    linear and can absorb it).
     """
 
     def __init__(self, decay: float = 0.9, eps: float = 1e-5, unbiased_running_var: bool = True,
-                 zero_init: bool = False, name: str | None = None):
+                 zero_init: bool = False, create_scale: bool = True, name: str | None = None):
         super().__init__(name=name)
         self.decay, self.eps = decay, eps
         self.unbiased_running_var = unbiased_running_var
-        self.zero_init = zero_init
+        self.zero_init, self.create_scale = zero_init, create_scale
 
     def __call__(self, x, is_training: bool):
         if _FUSION.get() is not None:
             return _fused_batch_norm(self.module_name, x, is_training)
         c = x.shape[-1]
-        scale = hk.get_parameter("scale", (c,), jnp.float32,
-                                 init=jnp.zeros if self.zero_init else jnp.ones)
+        scale = jnp.ones((c,), jnp.float32)
+        if self.create_scale:
+            scale = hk.get_parameter("scale", (c,), jnp.float32,
+                                     init=jnp.zeros if self.zero_init else jnp.ones)
         offset = hk.get_parameter("offset", (c,), jnp.float32, init=jnp.zeros)
         running_mean = hk.get_state("mean", (c,), jnp.float32, init=jnp.zeros)
         running_var = hk.get_state("var", (c,), jnp.float32, init=jnp.ones)

@@ -39,6 +39,13 @@ class Preprocessing:
     image_ops: str = "torchvision"
 
 
+# CIFAR-10 per-channel statistics of fb.resnet.torch, which the CIFAR papers' code uses (WRN,
+# DenseNet, Shake-Shake); 32 px images are evaluated whole (no crop).
+CIFAR10_PREPROCESSING = Preprocessing(mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),
+                                      std=(63.0 / 255, 62.1 / 255, 66.7 / 255),
+                                      crop_fraction=1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """A registered variant.
@@ -67,6 +74,11 @@ class ModelInfo:
     test_size: int = 224
     preprocessing: Preprocessing = Preprocessing()
     feature_strides: tuple[int, ...] = (4, 8, 16, 32)
+    # Unpadded ("valid") convs and pools shrink the maps: the smallest input side the model
+    # takes, and the stages' sides for an input side `n` where they are not n // stride
+    # (None: n // stride). Inception-v3: 75 px; its 299 px input gives 71, 35, 17, 8.
+    min_input_size: int = 1
+    feature_sizes: Callable[[int], tuple[int, ...]] | None = None
     # Video models: the clip length their inputs [B, T, H, W, C] have; None for image models.
     num_frames: int | None = None
     # The head's module name, under the root module (the one place the head is declared;
@@ -79,8 +91,10 @@ class ModelInfo:
     stacked_modules: str | None = None
     torch_name: Callable[[str, Mapping[str, Any]], str] | None = None
     # Likewise our module path -> the Keras layer name, and the keras.applications constructor
-    # of the reference (for `nets.convert.from_keras`).
-    keras_name: Callable[[str, Mapping[str, Any]], str] | None = None
+    # of the reference (for `nets.convert.from_keras`). A (layer name, offset) pair: our
+    # module's weights start at that position of the layer's weight list (the pointwise half of
+    # a SeparableConv2D, whose list is [depthwise_kernel, pointwise_kernel]: offset 1).
+    keras_name: Callable[[str, Mapping[str, Any]], str | tuple[str, int]] | None = None
     keras_builder: str | None = None
     # Likewise our module path -> the official code's names: the official NFNet's module
     # name(s) (`nets.convert.from_nfnet_official`), or {our leaf: variable name(s)} of the
@@ -90,6 +104,15 @@ class ModelInfo:
     # The classifier whose features this model's `backbone` module is (a detector's): its
     # weights start the backbone (`training.transfer.as_backbone`, config.init_from).
     backbone: str | None = None
+
+    def stage_sizes(self, size: int) -> tuple[int, ...]:
+        """The side of each `features` map for square inputs of side `size`."""
+        if size < self.min_input_size:
+            raise ValueError(f"{self.name} takes inputs of at least {self.min_input_size} px, "
+                             f"got {size}")
+        if self.feature_sizes is not None:
+            return tuple(self.feature_sizes(size))
+        return tuple(size // s for s in self.feature_strides)
 
 
 def module_path(haiku_path: str) -> str:

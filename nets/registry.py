@@ -20,12 +20,13 @@ import re
 
 import haiku as hk
 
-from nets import (csp, densenet, efficientdet, efficientnet, layers, mobilenet, nfnet, p3d,
-                  resnet_family, shake_shake, shufflenet)
+from nets import (condensenet, csp, densenet, efficientdet, efficientnet, inception, layers,
+                  mobilenet, nfnet, p3d, resnet_family, shake_shake, shufflenet, wide_resnet,
+                  xception)
 from nets.records import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocessing, module_path
 
 _FAMILIES = (resnet_family, nfnet, efficientnet, mobilenet, shufflenet, densenet, csp, p3d,
-             shake_shake, efficientdet)
+             shake_shake, wide_resnet, efficientdet, xception, condensenet, inception)
 _MODELS: dict[str, ModelInfo] = {}
 for _family in _FAMILIES:
     for _info in _family.VARIANTS:

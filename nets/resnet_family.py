@@ -51,7 +51,8 @@ class _Block(hk.Module):
     @hk.name_like("__call__")
     def bn(self, name, zero_init=False):
         return layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"],
-                                zero_init=zero_init, name=name)
+                                self.opts["unbiased_running_var"], zero_init=zero_init,
+                                name=name)
 
     @hk.name_like("__call__")
     def shortcut(self, x, out_channels, is_training):
@@ -65,7 +66,8 @@ class _Block(hk.Module):
             stride = 1
         else:
             stride = self.stride
-        x = layers.Conv(out_channels, 1, stride, name="downsample_conv")(x)
+        x = layers.Conv(out_channels, 1, stride, with_bias=self.opts["conv_bias"],
+                        name="downsample_conv")(x)
         return self.bn("downsample_bn")(x, is_training)
 
     @hk.name_like("__call__")
@@ -111,15 +113,20 @@ class BasicBlock(_Block):
             raise ValueError("the basic block supports only groups=1 and width_per_group=64")
         if opts["radix"] > 1 or opts["split_attention"] or opts["deformable"]:
             raise ValueError("split attention and deformable convs need the bottleneck block")
+        if opts["stride_in_1x1"]:
+            raise ValueError("stride_in_1x1 needs the bottleneck block (the basic block has "
+                             "no 1x1 conv)")
+        bias = opts["conv_bias"]
         if opts["selective_kernel"]:
             out = self.selective_kernel(x, self.planes, self.stride, 1, is_training, "conv1")
         else:
             out = layers.Conv(self.planes, 3, self.stride, dilation=self.first_dilation,
-                              name="conv1")(x)
+                              with_bias=bias, name="conv1")(x)
             out = jax.nn.relu(self.bn("bn1")(out, is_training))
         if opts["attention_position"] == "mid":
             out = self.attend(out, is_training)
-        out = layers.Conv(self.planes, 3, dilation=self.dilation, name="conv2")(out)
+        out = layers.Conv(self.planes, 3, dilation=self.dilation, with_bias=bias,
+                          name="conv2")(out)
         out = self.bn("bn2", opts["zero_init_residual"])(out, is_training)
         return self.finish(out, x, is_training)
 
@@ -127,15 +134,18 @@ class BasicBlock(_Block):
 class Bottleneck(_Block):
     """1x1 reduce, 3x3 (grouped for ResNeXt, strided), 1x1 expand by 4. The 3x3 is a
     split-attention conv (ResNeSt), a selective-kernel conv (SKNet) or a deformable conv as
-    configured; with `avd` a 3x3 average pool takes over its stride (ResNeSt)."""
+    configured; with `avd` a 3x3 average pool takes over its stride (ResNeSt), with
+    `stride_in_1x1` the first 1x1 conv (the original ResNet's, Keras')."""
 
     def __call__(self, x, is_training):
         opts = self.opts
         groups = opts["groups"]
         width = int(self.planes * opts["width_per_group"] / 64) * groups
-        out = layers.Conv(width, 1, name="conv1")(x)
+        bias = opts["conv_bias"]
+        reduce_stride, stride = (self.stride, 1) if opts["stride_in_1x1"] else (1, self.stride)
+        pool_stride = 1
+        out = layers.Conv(width, 1, reduce_stride, with_bias=bias, name="conv1")(x)
         out = jax.nn.relu(self.bn("bn1")(out, is_training))
-        stride, pool_stride = self.stride, 1
         if opts["avd"] and stride > 1:
             stride, pool_stride = 1, stride
         if pool_stride > 1 and opts["avd_first"]:
@@ -152,13 +162,13 @@ class Bottleneck(_Block):
                                                  groups=groups, name="conv2")
             else:
                 conv = layers.Conv(width, 3, stride, dilation=self.first_dilation,
-                                   groups=groups, name="conv2")
+                                   groups=groups, with_bias=bias, name="conv2")
             out = jax.nn.relu(self.bn("bn2")(conv(out), is_training))
         if pool_stride > 1 and not opts["avd_first"]:
             out = layers.avg_pool(out, 3, pool_stride, padding=1)
         if opts["attention_position"] == "mid":
             out = self.attend(out, is_training)
-        out = layers.Conv(self.planes * 4, 1, name="conv3")(out)
+        out = layers.Conv(self.planes * 4, 1, with_bias=bias, name="conv3")(out)
         out = self.bn("bn3", opts["zero_init_residual"])(out, is_training)
         return self.finish(out, x, is_training)
 
@@ -200,6 +210,15 @@ class ResNet(hk.Module):
         block l of L (1-based) the rate l / L * rate (Huang et al. 2016), "uniform" gives every
         block the rate; stochastic_depth_scale_at: see layers.stochastic_depth.
       bn_decay, bn_eps: BatchNorm running-average decay (PyTorch momentum 0.1 = decay 0.9) and eps.
+      unbiased_running_var: the running variance averages the unbiased batch variance (PyTorch)
+        or the biased one (Keras).
+      stride_in_1x1: a downsampling bottleneck strides its first 1x1 conv, not the 3x3 (the
+        original ResNet's "v1", Keras' and Caffe's; torchvision's "v1.5" strides the 3x3).
+      conv_bias: the stem's, the blocks' and the shortcuts' convs have biases (Keras' ResNet;
+        plain 3x3s only, as stride_in_1x1: not with split-attention, selective-kernel,
+        deformable convs or avd).
+      channel_order: the channel order the stem's weights read: "bgr" (Keras' and Caffe's
+        ResNets) reverses the channels of the (RGB, normalised) images first.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), block: str = "bottleneck",
@@ -217,11 +236,14 @@ class ResNet(hk.Module):
                  replace_stride_with_dilation: Sequence[bool] = (False, False, False),
                  stochastic_depth_rate: float = 0.0, stochastic_depth_decay: str = "linear",
                  stochastic_depth_scale_at: str = "train", in_channels: int = 3,
-                 bn_decay: float = 0.9, bn_eps: float = 1e-5, name: str = "resnet"):
+                 bn_decay: float = 0.9, bn_eps: float = 1e-5, unbiased_running_var: bool = True,
+                 stride_in_1x1: bool = False, conv_bias: bool = False,
+                 channel_order: str = "rgb", name: str = "resnet"):
         super().__init__(name=name)
         choices = dict(block=(block, tuple(EXPANSION)), stem=(stem, ("7x7", "deep", "tiered")),
                        attention=(attention, ATTENTION),
                        attention_position=(attention_position, ("last", "mid")),
+                       channel_order=(channel_order, ("rgb", "bgr")),
                        stochastic_depth_decay=(stochastic_depth_decay, ("linear", "uniform")))
         for option, (value, allowed) in choices.items():
             if value not in allowed:
@@ -238,6 +260,10 @@ class ResNet(hk.Module):
         if len(kinds) > 1:
             raise ValueError(f"the 3x3 conv can be one of selective-kernel, split-attention or "
                              f"deformable; got {' and '.join(kinds)}")
+        plain = [o for o, on in (("stride_in_1x1", stride_in_1x1), ("conv_bias", conv_bias)) if on]
+        if plain and (kinds or avd):
+            raise ValueError(f"{' and '.join(plain)} apply to plain 3x3 convs without avd; got "
+                             f"{' and '.join(kinds + ['avd'] * avd)}")
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs one flag for each of stages 2-4")
         self.layers, self.block = tuple(layers), block
@@ -257,23 +283,29 @@ class ResNet(hk.Module):
                          sk_min_width=sk_min_width, sk_split_input=sk_split_input,
                          deformable=False, zero_init_residual=zero_init_residual,
                          bn_decay=bn_decay, bn_eps=bn_eps,
-                         stochastic_depth_scale_at=stochastic_depth_scale_at)
+                         unbiased_running_var=unbiased_running_var, stride_in_1x1=stride_in_1x1,
+                         conv_bias=conv_bias, stochastic_depth_scale_at=stochastic_depth_scale_at)
+        self.channel_order = channel_order
 
     @hk.name_like("__call__")
     def _bn(self, name):
-        return layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"], name=name)
+        return layers.BatchNorm(self.opts["bn_decay"], self.opts["bn_eps"],
+                                self.opts["unbiased_running_var"], name=name)
 
     @hk.name_like("__call__")
     def _stem(self, x, is_training):
+        if self.channel_order == "bgr":
+            x = x[..., ::-1]
+        bias = self.opts["conv_bias"]
         if self.stem == "7x7":
-            x = layers.Conv(64, 7, 2, name="conv1")(x)
+            x = layers.Conv(64, 7, 2, with_bias=bias, name="conv1")(x)
             return layers.max_pool(jax.nn.relu(self._bn("bn1")(x, is_training)), 3, 2, padding=1)
         sw = self.stem_width
         widths, strides = (sw, sw, 2 * sw), (2, 1, 1)
         if self.stem == "tiered":
             widths, strides = (3 * sw // 4, sw, 2 * sw), (2, 1, 2)
         for i, (width, stride) in enumerate(zip(widths, strides), start=1):
-            x = layers.Conv(width, 3, stride, name=f"stem_conv{i}")(x)
+            x = layers.Conv(width, 3, stride, with_bias=bias, name=f"stem_conv{i}")(x)
             x = jax.nn.relu(self._bn(f"stem_bn{i}" if i < 3 else "bn1")(x, is_training))
         return x if self.stem == "tiered" else layers.max_pool(x, 3, 2, padding=1)
 
@@ -365,6 +397,21 @@ def byobnet_torch_name(path: str, config: Mapping[str, Any]) -> str:
     return {"bn1": "stem.conv3.bn", "fc": "head.fc"}[parts[0]]
 
 
+_KERAS_BLOCK = {"downsample_conv": "0_conv", "downsample_bn": "0_bn", "conv1": "1_conv",
+                "bn1": "1_bn", "conv2": "2_conv", "bn2": "2_bn", "conv3": "3_conv", "bn3": "3_bn"}
+
+
+def keras_name(path: str, config: Mapping[str, Any]) -> str:
+    """Our dotted module path -> keras.applications' ResNet (v1) layer name: "layer2_0.conv1"
+    -> "conv3_block1_1_conv" (Keras numbers the stem's stage 1 and blocks from 1)."""
+    del config
+    parts = path.split(".")
+    m = re.fullmatch(r"layer(\d)_(\d+)", parts[0])
+    if m:
+        return f"conv{int(m[1]) + 1}_block{int(m[2]) + 1}_{_KERAS_BLOCK[parts[1]]}"
+    return {"conv1": "conv1_conv", "bn1": "conv1_bn", "fc": "predictions"}[parts[0]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Registered variants. Counts: ../shared/reference/params.json (with head, without, BN stats).
 
@@ -388,6 +435,16 @@ RESNEST = dict(stem="deep", stem_width=32, avg_down=True, radix=2, avd=True, **T
 SK = dict(selective_kernel=True)  # timm's SK-ResNets keep zero_init_last=False
 GC_PAPER = dict(attention="gc", attention_stages=(2, 3, 4), **TIMM)
 BICUBIC = dict(preprocessing=Preprocessing(interpolation="bicubic"))
+# keras.applications' ResNet50/101/152 (the original "v1": stride on the first 1x1 conv, biased
+# convs; Keras' BatchNorm: momentum 0.99, eps 1.001e-5, biased running variance). Its stem
+# zero-pads before the 7x7 conv and the max pool, as PyTorch pads (the pool's zeros follow a
+# ReLU, so they never win). Inputs: Keras' "caffe" preprocessing, BGR pixels in [0, 255] less
+# the ImageNet mean: the model reverses the channels itself, so images stay RGB, normalised by
+# mean / 255 and std 1 / 255.
+KERAS = dict(stride_in_1x1=True, conv_bias=True, bn_decay=0.99, bn_eps=1.001e-5,
+             unbiased_running_var=False, channel_order="bgr")
+KERAS_INFO = dict(keras_name=keras_name, preprocessing=Preprocessing(
+    mean=(123.68 / 255, 116.779 / 255, 103.939 / 255), std=(1 / 255,) * 3))
 
 VARIANTS = (
     _variant("resnet18", "torchvision:resnet18", (11689512, 11176512, 9600), **R18),
@@ -395,6 +452,11 @@ VARIANTS = (
     _variant("resnet50", "torchvision:resnet50", (25557032, 23508032, 53120), **R50),
     _variant("resnet101", "torchvision:resnet101", (44549160, 42500160, 105344), **R101),
     _variant("resnet152", "torchvision:resnet152", (60192808, 58143808, 151424), **R152),
+    *(_variant(f"keras_resnet{depth}", f"keras:ResNet{depth}", counts, torch_names=None,
+               info=dict(keras_builder=f"ResNet{depth}", **KERAS_INFO), **KERAS, **blocks)
+      for depth, counts, blocks in ((50, (25583592, 23534592, 53120), R50),
+                                    (101, (44601832, 42552832, 105344), R101),
+                                    (152, (60268520, 58219520, 151424), R152))),
     _variant("wide_resnet50_2", "torchvision:wide_resnet50_2", (68883240, 66834240, 68224),
              width_per_group=128, **R50),
     _variant("wide_resnet101_2", "torchvision:wide_resnet101_2",

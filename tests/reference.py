@@ -50,14 +50,16 @@ def keras():
 
 
 def randomize_keras_batchnorm(model, seed: int = 0) -> None:
-    """randomize_batchnorm for a Keras model: gamma, beta, moving mean and variance."""
+    """randomize_batchnorm for a Keras model: gamma (where the layer has one: not with
+    scale=False), beta, moving mean and variance."""
     keras_ = keras()
     rng = np.random.RandomState(seed)
     for layer in model.layers:
         if isinstance(layer, keras_.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights([rng.rand(c) * 0.5 + 0.25, rng.randn(c) * 0.2,
-                               rng.randn(c) * 0.2, rng.rand(c) + 0.5])
+            c = layer.moving_mean.shape[0]
+            values = [rng.rand(c) * 0.5 + 0.25, rng.randn(c) * 0.2, rng.randn(c) * 0.2,
+                      rng.rand(c) + 0.5]
+            layer.set_weights(values if layer.gamma is not None else values[1:])
 
 
 def randomize_batchnorm(model, seed: int = 0) -> None:
@@ -86,3 +88,20 @@ def he_normal_convs(model, seed: int = 0) -> None:
             if isinstance(m, torch_.nn.modules.conv._ConvNd):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch_.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+
+
+def he_normal_keras_kernels(model, seed: int = 0) -> None:
+    """he_normal_convs for a Keras model: every kernel drawn N(0, 2 / fan_in), fan_in counted
+    per output (a depthwise kernel's is its window alone). Keras' glorot-uniform depthwise
+    kernels (fan_in = window * channels) under random BatchNorm statistics leave Xception's
+    logits varying by ~1e-7 between images: a comparison would not see the image at all."""
+    keras()
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:
+        for weight in layer.weights:
+            if weight.name.endswith("kernel"):
+                shape = tuple(weight.shape)
+                fan_in = np.prod(shape[:-2] if weight.name == "depthwise_kernel"
+                                 else shape[:-1])
+                weight.assign((rng.standard_normal(shape) * np.sqrt(2 / fan_in))
+                              .astype(np.float32))

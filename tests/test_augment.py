@@ -132,6 +132,32 @@ def test_flip_is_an_involution():
     assert flips == {image.tobytes(), augment.flip(image).tobytes()}
 
 
+@pytest.mark.parametrize("fill", augment.PAD_FILLS)
+def test_random_pad_crop_translates_within_the_padding(fill):
+    """Every crop is the image shifted by (dy, dx) in [-pad, pad]^2, the uncovered border the
+    fill (the mean colour, black, or the image mirrored about its edge), and all 81 offsets of
+    a 4 px pad occur."""
+    image = random_image(8, 10).astype(np.float32)
+    mean = (10.0, 20.0, 30.0)
+    rng = np.random.default_rng(0)
+    padded = {"mean": np.pad(image, ((4, 4), (4, 4), (0, 0))) + 0,
+              "zeros": np.pad(image, ((4, 4), (4, 4), (0, 0))),
+              "reflect": np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")}[fill]
+    if fill == "mean":
+        border = np.ones(padded.shape[:2], bool)
+        border[4:12, 4:14] = False
+        padded[border] = mean
+    offsets = set()
+    for _ in range(2000):
+        crop = augment.random_pad_crop(image, rng, 4, fill, mean)
+        assert crop.shape == image.shape
+        matches = [(top, left) for top in range(9) for left in range(9)
+                   if np.array_equal(crop, padded[top:top + 8, left:left + 10])]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) == 81
+
+
 # Eval preprocessing.
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from data import builtin, classification, decode, sampler, sources
+from data import augment, builtin, classification, decode, sampler, sources
 
 GLOBAL_BATCH = 64
 
@@ -213,6 +213,34 @@ def test_batches_hold_the_permuted_examples(digits_dir):
     np.testing.assert_array_equal(batch["images"], expected)
     labels = [source[int(i)]["label"] for i in indices]
     np.testing.assert_array_equal(batch["targets"].argmax(1), labels)
+
+
+def test_pad_crop_translates_the_whole_image(digits_dir):
+    """data.pad_crop: each train image is its eval image padded and cropped back (here by 2 px
+    with zeros), at an offset drawn from the example's stream; with the random-resized crop it
+    is a config error."""
+    cfg = make_cfg(digits_dir, random_resized_crop=False, flip=False, pad_crop=2,
+                   pad_fill="zeros")
+    iterator = data.train_iterator(cfg, global_batch=GLOBAL_BATCH, seed=5)
+    images = next(iterator)["images"]
+    _, indices = sampler.stream_examples(5, 0, sampler.Sharding(GLOBAL_BATCH, 0, 1), 1437)
+    source = sources.open_source("sklearn_digits", "train", digits_dir)
+    recipe = classification.Recipe.from_config(cfg)
+    moved = 0
+    for image, i in zip(images, indices):
+        whole = classification.eval_image(source[int(i)]["image"], recipe)
+        black = augment.normalize(np.zeros(3, np.float32), recipe.mean, recipe.std)
+        padded = np.pad(whole - black, ((2, 2), (2, 2), (0, 0))) + black
+        crops = [(top, left) for top in range(5) for left in range(5)
+                 if np.allclose(image, padded[top:top + 32, left:left + 32], atol=1e-5)]
+        assert crops, "not a translation of the eval image"
+        moved += crops != [(2, 2)]
+    assert moved > GLOBAL_BATCH // 2
+    with pytest.raises(ValueError, match="pad_crop.*random_resized_crop=False"):
+        classification.Recipe.from_config(make_cfg(digits_dir, pad_crop=2))
+    with pytest.raises(ValueError, match="pad_fill one of"):
+        classification.Recipe.from_config(make_cfg(digits_dir, random_resized_crop=False,
+                                                   pad_crop=2, pad_fill="edge"))
 
 
 def test_resume_continues_with_the_same_batches(digits_dir):

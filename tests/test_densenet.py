@@ -3,7 +3,9 @@ gradients on converted weights; memory_efficient (remat) against the plain netwo
 init, features and input checks."""
 
 import functools
+import math
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,9 @@ import pytest
 
 import nets
 from tests import reference
-from tests.helpers import jitted_apply, jitted_logits_and_features, random_images
+from tests.helpers import count, jitted_apply, jitted_logits_and_features, random_images
 
-DENSENETS = nets.list_models("densenet*")
+DENSENETS = nets.list_models("densenet[0-9]*")  # torchvision's; the CIFAR ones at the end
 SIZE = 64  # every block still sees a >= 2x2 map
 # A small DenseNet (four blocks, every option but drop_rate off its default) whose compiles are
 # cheap; torchvision builds the same network from the same arguments.
@@ -262,3 +264,157 @@ def test_bad_images_and_options_are_clear_errors():
                        (dict(growth_rate=0), "growth_rate"), (dict(bn_size=-4), "bn_size")]:
         with pytest.raises(ValueError, match=match):
             _output_shapes(nets.transformed("densenet121", **bad), 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's CIFAR DenseNet-BC and the compression option
+
+CIFAR_DENSENETS = nets.list_models("densenet_bc_*")
+
+
+def _abstract_variables(name, **overrides):
+    """(params, state) shapes of `nets.create(name, **overrides)` from an abstract trace with
+    zeros for initialisers and XLA's native convs (shapes depend on neither; the trace takes
+    half the time of `nets.introspect.shapes`)."""
+    def forward(images):
+        with hk.custom_creator(lambda next_creator, shape, dtype, init, context:
+                               jnp.zeros(shape, dtype), params=True, state=True):
+            return nets.create(name, **overrides)(images, is_training=True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NETS_CONV_LOWERING", "native")
+        return jax.eval_shape(hk.transform_with_state(forward).init, jax.random.key(0),
+                              nets.introspect.example_images(name, 1, 32))
+# DenseNet-BC with two layers per block and k=6: torchvision's DenseNet builds the same layers.
+TINY_BC = dict(growth_rate=6, block_config=(2, 2, 2), num_init_features=12)
+
+
+def test_the_cifar_variants_are_the_papers_networks():
+    assert CIFAR_DENSENETS == ["densenet_bc_100_12", "densenet_bc_190_40", "densenet_bc_250_24"]
+    for name in CIFAR_DENSENETS:
+        depth, k = map(int, name.split("_")[2:])
+        info = nets.model_info(name)
+        assert info.config == dict(growth_rate=k, block_config=((depth - 4) // 6,) * 3,
+                                   num_init_features=2 * k, stem="cifar", conv_init="fan_out")
+        assert (info.family, info.feature_strides, info.train_size, info.test_size) == (
+            "densenet", (1, 2, 4), 32, 32)
+        assert nets.default_num_classes(name) == 10
+        assert info.preprocessing.crop_fraction == 1.0
+
+
+def _bc_hand_count(depth, k, num_classes, compression=0.5):
+    """(parameters, BN statistic elements) of the authors' CIFAR DenseNet-BC: a 3x3 conv
+    3 -> 2k; per dense layer BN(c), 1x1 conv c -> 4k, BN(4k), 3x3 conv 4k -> k; per
+    transition BN(c), 1x1 conv c -> floor(theta c); the final BN; the fc with bias."""
+    params, bn, c = 9 * 3 * 2 * k, [], 2 * k
+    for block in range(3):
+        for _ in range((depth - 4) // 6):
+            params += c * 4 * k + 9 * 4 * k * k
+            bn += [c, 4 * k]
+            c += k
+        bn.append(c)
+        if block < 2:
+            params += c * math.floor(compression * c)
+            c = math.floor(compression * c)
+    return params + 2 * sum(bn) + c * num_classes + num_classes, 2 * sum(bn)
+
+
+@pytest.mark.parametrize("name,paper_millions", [
+    ("densenet_bc_100_12", 0.8), ("densenet_bc_250_24", 15.3), ("densenet_bc_190_40", 25.6)])
+def test_cifar_counts_equal_the_hand_count_and_round_to_the_papers_table(name, paper_millions):
+    depth, k = map(int, name.split("_")[2:])
+    params, state = _abstract_variables(name)  # the default head: 10 classes
+    expected, bn_stats = _bc_hand_count(depth, k, 10)
+    assert count(params) == expected and count(state) == bn_stats
+    assert round(count(params) / 1e6, 1) == paper_millions
+    if name == "densenet_bc_100_12":
+        assert count(params) == 769_162
+
+
+def _cifar_torchvision(torch, num_classes):
+    """torchvision's DenseNet with the authors' CIFAR stem: the 3x3 conv alone (conv0; no
+    norm0, relu0, pool0). Dense layers, transitions and norm5 are the Lua network's."""
+    model = reference.torchvision().models.DenseNet(num_classes=num_classes, **TINY_BC)
+    model.features.conv0 = torch.nn.Conv2d(3, TINY_BC["num_init_features"], 3, 1, 1, bias=False)
+    for module in ("norm0", "relu0", "pool0"):
+        delattr(model.features, module)
+    return model
+
+
+def test_cifar_logits_and_stage_maps_equal_torchvision_with_the_cifar_stem():
+    torch = reference.torch()
+    torch.manual_seed(0)
+    model = _cifar_torchvision(torch, 10)
+    reference.he_normal_convs(model)
+    reference.randomize_batchnorm(model)
+    model.eval()
+    maps = {}
+
+    def keep(stage, transform=lambda a: a):
+        def hook(module, inputs, out):
+            maps[stage] = transform(out.numpy().transpose(0, 2, 3, 1).copy())
+        return hook
+
+    taps = [getattr(model.features, f"denseblock{i}").register_forward_hook(keep(f"stage{i}"))
+            for i in (1, 2)]
+    taps.append(model.features.norm5.register_forward_hook(
+        keep("stage3", lambda a: np.maximum(a, 0))))
+    images = random_images(2, 32)
+    with torch.no_grad():
+        ref_logits = model(_to_torch(images)).numpy()
+    for tap in taps:
+        tap.remove()
+
+    name = "densenet_bc_100_12"
+    params, state = nets.convert.from_torch(name, model.state_dict(), **TINY_BC)
+    assert "densenet/norm0" not in params and params["densenet/conv0"]["w"].shape == (3, 3, 3, 12)
+    (logits, ours), _ = jitted_logits_and_features(name, 10, **TINY_BC)(params, state, None,
+                                                                        images)
+    assert np.abs(ref_logits).max() > 0.1
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
+    assert {k: v.shape for k, v in ours.items()} == {
+        "stage1": (2, 32, 32, 24), "stage2": (2, 16, 16, 24), "stage3": (2, 8, 8, 24)}
+    for stage, ref_map in maps.items():
+        np.testing.assert_allclose(ours[stage], ref_map, atol=1e-4 * np.abs(ref_map).max(),
+                                   rtol=0, err_msg=stage)
+
+
+def _transition_widths(name, **overrides):
+    params, _ = _abstract_variables(name, **overrides)
+    return [params[f"densenet/transition{i}/conv"]["w"].shape[-1] for i in (1, 2, 3)
+            if f"densenet/transition{i}/conv" in params]
+
+
+def test_compression_sets_transition_widths_to_the_floor_of_theta_c():
+    # DenseNet-121 with theta 0.55: blocks end at 256, 524, 1056 channels -> floor(140.8),
+    # floor(288.2), floor(580.8) (rounding would give 141 and 581); 580 + 16 * 32 at the end.
+    assert _transition_widths("densenet121", compression=0.55) == [140, 288, 580]
+    params, _ = _abstract_variables("densenet121", compression=0.55)
+    assert params["densenet/classifier"]["w"].shape == (1092, 1000)
+    # No compression: each block passes all its channels on.
+    assert _transition_widths("densenet121", compression=1.0) == [256, 640, 1408]
+    # The CIFAR net: the hand count follows theta too (100-12 with theta 0.7: 24 + 16 * 12
+    # = 216 -> 151; 151 + 192 = 343 -> 240).
+    params, _ = _abstract_variables("densenet_bc_100_12", compression=0.7)
+    assert [params[f"densenet/transition{i}/conv"]["w"].shape[-1] for i in (1, 2)] == [151, 240]
+    assert count(params) == _bc_hand_count(100, 12, 10, compression=0.7)[0]
+
+
+def test_cifar_init_is_the_lua_codes_he_normal_over_fan_out():
+    f = nets.transformed("densenet_bc_100_12", 10, **TINY_BC)
+    fast_compile = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    params, _ = jax.jit(f.init, static_argnames="is_training", compiler_options=fast_compile)(
+        jax.random.key(0), random_images(1, 8), is_training=True)
+    stem = np.asarray(params["densenet/conv0"]["w"])  # 3x3x3 -> 12: fan-out 108, fan-in 27
+    np.testing.assert_allclose(stem.std(), np.sqrt(2 / 108), rtol=0.12)
+    conv2 = np.concatenate([np.ravel(v["w"]) for k, v in params.items() if k.endswith("/conv2")])
+    np.testing.assert_allclose(conv2.std(), np.sqrt(2 / (9 * 6)), rtol=0.05)  # 24 -> 6
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(compression=0.0), "compression"), (dict(compression=1.5), "compression"),
+    (dict(stem="tiny"), "stem"), (dict(conv_init="uniform"), "conv_init")])
+def test_bad_cifar_options_are_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        nets.introspect.shapes("densenet_bc_100_12", **bad)
+

@@ -198,3 +198,43 @@ def test_efficientdet_weight_decay_reaches_conv_kernels_only():
     assert len(decayed) == 150
     np.testing.assert_allclose(updates["efficientdet/class_net/predict/conv_pw"]["w"], -4e-5,
                                rtol=1e-6)
+
+
+def test_wrn_recipe_is_the_papers():
+    """Zagoruyko & Komodakis 2016: batch 128, 200 epochs, SGD Nesterov 0.9, lr 0.1 x0.2 at
+    epochs 60, 120, 160, weight decay 5e-4, dropout 0.3 for WRN-n-k-dropout; CIFAR-10."""
+    c = load("wrn_28_10")
+    o = c.optimizer
+    assert (c.model, c.data.name, c.data.num_classes, c.data.train_size) == (
+        "wrn_28_10", "cifar10", 10, 32)
+    assert (c.batch_size, c.num_epochs, c.model_kwargs.dropout_rate) == (128, 200, 0.0)
+    assert load("wrn_28_10", "dropout").model_kwargs.dropout_rate == 0.3
+    # Random 32 px crops of the image padded by 4 px by reflection, and flips.
+    assert (c.data.random_resized_crop, c.data.pad_crop, c.data.pad_fill, c.data.flip) == (
+        False, 4, "reflect", True)
+    assert (o.name, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.9, True, 5e-4)
+    steps_per_epoch = 50_000 / c.batch_size
+    lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, 200 * steps_per_epoch)
+    epochs = (0, 59.9, 60.1, 119.9, 120.1, 159.9, 160.1, 199)
+    assert [float(lr(e * steps_per_epoch)) for e in epochs] == pytest.approx(
+        [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
+
+
+def test_densenet_cifar_recipe_is_the_papers():
+    """Huang et al. 2017: batch 64, 300 epochs, SGD Nesterov 0.9, lr 0.1 / 10 at 50% and 75%
+    of the epochs, weight decay 1e-4, no dropout with augmentation; CIFAR-10."""
+    c = load("densenet_bc_100_12")
+    o = c.optimizer
+    assert (c.model, c.data.name, c.data.num_classes, c.data.crop_fraction) == (
+        "densenet_bc_100_12", "cifar10", 10, 1.0)
+    assert (c.batch_size, c.num_epochs, c.model_kwargs.drop_rate) == (64, 300, 0.0)
+    # C10+: 4 px translations (fb.resnet.torch zero-pads the normalised image: the mean colour).
+    assert (c.data.random_resized_crop, c.data.pad_crop, c.data.pad_fill, c.data.flip) == (
+        False, 4, "mean", True)
+    assert (o.name, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.9, True, 1e-4)
+    steps_per_epoch = 50_000 / c.batch_size
+    lr = optimizers.learning_rate(o, c.batch_size, steps_per_epoch, 300 * steps_per_epoch)
+    epochs = (0, 149.9, 150.1, 224.9, 225.1, 299)
+    assert [float(lr(e * steps_per_epoch)) for e in epochs] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+

@@ -19,12 +19,17 @@ MODELS = [
     ("resnet50", {}), ("resnext50_32x4d", {}), ("seresnet50", {}), ("efficientnet_b0", {}),
     ("mobilenet_v2", {}), ("mobilenet_v3_large", {}), ("shufflenet_v2_x1_0", {}),
     ("densenet121", {}),
+    # The CIFAR DenseNet's stem conv feeds the first BatchNorm and every later concatenation.
+    ("densenet_bc_100_12", {"block_config": (2, 2, 2)}),
     ("resnest50d", {"layers": (1, 1, 1, 1)}), ("skresnext50_32x4d", {"layers": (1, 1, 1, 1)}),
     ("skresnet18", {}), ("cbam_resnet50", {"layers": (1, 1, 1, 1)}),
     ("gcresnet50t", {"layers": (1, 1, 1, 1)}),
     ("resnet50", {"layers": (1, 1, 1, 1), "deformable_stages": (3, 4)}),
     ("cspdarknet53", {}), ("mobilenet_v1", {}), ("shufflenet_v1_g3", {}),
     ("shake_shake_26_2x32d", {}),
+    # Keras' ResNet: BatchNorm folded into convs that have a bias already; Xception's
+    # separable convs (the BatchNorm folds into the pointwise half).
+    ("keras_resnet50", {"layers": (1, 1, 1, 1)}), ("xception", {"middle_blocks": 1}),
     ("p3d_resnet50", {}),
     # A detector (a BiFPN and heads of 1 repeat and 16 channels: the pairs are the same kinds).
     ("efficientdet_d0", {"fpn_width": 16, "fpn_cells": 1, "head_repeats": 1}),
@@ -32,6 +37,7 @@ MODELS = [
 # BatchNorms with no conv right before them: they become affines (x * scale + offset).
 UNFOLDABLE = {
     "densenet121": r".*/(norm1|norm5|transition\d/norm)$",   # pre-activation, after a concat
+    "densenet_bc_100_12": r".*/(norm1|norm5|transition\d/norm)$",
     "shake_shake_26_2x32d": r".*/shortcut_bn$",              # after the two paths' concat
     # One head conv shared by every level, each level with its own BatchNorm.
     "efficientdet_d0": r".*/(class|box)_net/bn_rep_\d+_\d+$",

@@ -24,11 +24,12 @@ def model_table() -> str:
 def update_readme(path="README.md") -> None:
     """Rewrites the table between the README's model-table markers."""
     begin, end = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+    table = model_table()  # before opening for writing: a failing registry leaves the file
     with open(path) as f:
         head, rest = f.read().split(begin)
     _, tail = rest.split(end)
     with open(path, "w") as f:
-        f.write(f"{head}{begin}\n{model_table()}\n{end}{tail}")
+        f.write(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 if __name__ == "__main__":

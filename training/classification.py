@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 import data
+from nets import layers
 from training import steps
 from training.tasks import Task
 
@@ -22,11 +23,27 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def forward_with_auxiliary(model: hk.TransformedWithState, params, model_state, rng, images,
+                           dtype):
+    """Training-mode logits (float32), the auxiliary heads' [(loss weight, logits)] (empty
+    unless the model returns `nets.layers.AuxiliaryOutputs`: GoogLeNet and Inception-v3 with
+    aux_logits=True) and the updated model state."""
+    outputs, model_state = model.apply(params, model_state, rng, images.astype(dtype),
+                                       is_training=True)
+    auxiliary = []
+    if isinstance(outputs, layers.AuxiliaryOutputs):
+        auxiliary = [(w, a.astype(jnp.float32))
+                     for w, a in zip(outputs.weights, outputs.auxiliary, strict=True)]
+        outputs = outputs.logits
+    return outputs.astype(jnp.float32), auxiliary, model_state
+
+
 def forward(model: hk.TransformedWithState, params, model_state, rng, images, dtype):
-    """Training-mode logits (float32) and the updated model state."""
-    logits, model_state = model.apply(params, model_state, rng, images.astype(dtype),
-                                      is_training=True)
-    return logits.astype(jnp.float32), model_state
+    """Training-mode logits (float32; a model's main logits where it also has auxiliary heads)
+    and the updated model state."""
+    logits, _, model_state = forward_with_auxiliary(model, params, model_state, rng, images,
+                                                    dtype)
+    return logits, model_state
 
 
 def train_metrics(logits, targets) -> dict:
@@ -35,12 +52,18 @@ def train_metrics(logits, targets) -> dict:
 
 
 def objective(model: hk.TransformedWithState, *, dtype, label_smoothing: float):
-    """The loss `steps.Objective` wants: cross-entropy of the training-mode forward."""
+    """The loss `steps.Objective` wants: cross-entropy of the training-mode forward, plus each
+    auxiliary head's cross-entropy times its weight where the model has auxiliary heads (the
+    weights come with the model's outputs: GoogLeNet's 0.3, Inception-v3's 0.4)."""
 
     def loss(params, model_state, rng, batch, extra=None):
-        logits, model_state = forward(model, params, model_state, rng, batch["images"], dtype)
-        return (cross_entropy(logits, batch["targets"], label_smoothing),
-                (model_state, train_metrics(logits, batch["targets"])))
+        logits, auxiliary, model_state = forward_with_auxiliary(
+            model, params, model_state, rng, batch["images"], dtype)
+        targets = batch["targets"]
+        total = cross_entropy(logits, targets, label_smoothing)
+        for weight, aux_logits in auxiliary:
+            total = total + weight * cross_entropy(aux_logits, targets, label_smoothing)
+        return total, (model_state, train_metrics(logits, targets))
 
     return loss
 

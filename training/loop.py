@@ -363,9 +363,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Results:
             f"computing in {jnp.dtype(dtype).name}")
 
         extra = objective.extra is not None
+        update_state = objective.update_state and functools.partial(
+            objective.update_state, total_steps=total_steps)
         train_fn = steps.train_step(objective.loss, optimizer, schedule,
                                     ema_decay=config.ema_decay, mesh=mesh, frozen=frozen,
-                                    extra=extra, prepare=objective.prepare)
+                                    extra=extra, prepare=objective.prepare,
+                                    update_state=update_state)
         extra_args = (objective.extra,) if extra else ()
         eval_fn = steps.eval_step(task.eval_sums(config, model), mesh)
         sharding = distributed.batch_sharded(mesh)

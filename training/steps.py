@@ -22,12 +22,16 @@ class Objective(NamedTuple):
     accuracy). `extra` is a pytree every step receives replicated and never donates nor updates
     (the weights of a second, fixed model, as distillation has), or None; `notes` are lines the
     run prints once. `prepare`: batch -> batch, applied in the step before the loss (the input
-    work the data pipeline leaves to the accelerator, data.augment_on_device), or None."""
+    work the data pipeline leaves to the accelerator, data.augment_on_device), or None.
+    `update_state`: (params, model_state, step, total_steps) -> model_state, applied at the
+    start of each step before the loss (model state that follows the step count, as
+    CondenseNet's condensation masks), or None."""
 
     loss: Callable
     extra: Any = None
     notes: tuple[str, ...] = ()
     prepare: Callable | None = None
+    update_state: Callable | None = None
 
 
 def compute_dtype(name: str):
@@ -55,7 +59,8 @@ def _keep(mask, old, new):
 
 def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule: Callable, *,
                ema_decay: float, mesh, frozen=None, extra: bool = False,
-               prepare: Callable | None = None) -> Callable:
+               prepare: Callable | None = None,
+               update_state: Callable | None = None) -> Callable:
     """(state, batch[, extra]) -> (state, metrics); the state is donated. `loss` is an
     `Objective.loss`; metrics are its own plus loss, lr, grad_norm and param_norm. The step's
     randomness (dropout, stochastic depth) is fold_in(rng, step) over the global batch, so it
@@ -66,7 +71,9 @@ def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule
     their updates (training.optimizers.optimizer(frozen=...)), and the step keeps the frozen
     BatchNorm statistics and EMA leaves as they were.
     extra=True: the step takes the objective's `extra` as a third argument, replicated and not
-    donated. prepare: an `Objective.prepare`, or None."""
+    donated. prepare: an `Objective.prepare`, or None. update_state: (params, model_state,
+    step) -> model_state (an `Objective.update_state` with the run's total steps bound), or
+    None."""
     frozen_params, frozen_state = frozen if frozen is not None else (None, None)
 
     def loss_of_params(params, model_state, rng, batch, extra_inputs):
@@ -79,9 +86,11 @@ def train_step(loss: Callable, optimizer: optax.GradientTransformation, schedule
         if prepare is not None:
             batch = prepare(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        model_state = state.model_state
+        if update_state is not None:
+            model_state = update_state(state.params, model_state, state.step)
         (value, (model_state, task_metrics)), grads = jax.value_and_grad(
-            loss_of_params, has_aux=True)(state.params, state.model_state, rng, batch,
-                                          extra_inputs)
+            loss_of_params, has_aux=True)(state.params, model_state, rng, batch, extra_inputs)
         model_state = _keep(frozen_state, state.model_state, model_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 # Task name -> the module that defines it (imported when a run asks for it).
 _MODULES = {
     "classification": "training.classification",
+    "condensation": "training.condensation",
     "distillation": "training.distill",
     "detection": "training.detection",
     "keypoints": "training.keypoints",
