@@ -32,7 +32,6 @@ from typing import Any
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nets import deformable, introspect, layers, registry
@@ -92,11 +91,8 @@ def plan(name: str, num_classes: int | None = None, **overrides) -> Plan:
                 folded[module.module_name] = conv
         return out
 
-    def zeros(next_creator, shape, dtype, init, context):
-        return jnp.zeros(shape, dtype)   # only the dataflow matters; skips tracing initialisers
-
-    def forward(images):
-        with hk.intercept_methods(record), hk.custom_creator(zeros, params=True, state=True):
+    def forward(images):  # only the dataflow matters: zeros, not the initialisers
+        with hk.intercept_methods(record), registry.zero_init():
             return registry.create(name, num_classes, **overrides)(images, is_training=False)
 
     images = introspect.example_images(name, 1, 64, **overrides)

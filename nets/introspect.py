@@ -33,7 +33,7 @@ def example_images(name: str, batch: int = 1, size: int | None = None, **overrid
 def shapes(name: str, num_classes: int | None = None, **overrides):
     """(params, state) of the variant as trees of ShapeDtypeStructs, without computing.
     `fused=True` (among the overrides): those of its inference form (`nets.fusion`)."""
-    f = registry.transformed(name, num_classes, **overrides)
+    f = registry.transformed(name, num_classes, shapes_only=True, **overrides)
     init = functools.partial(f.init, is_training=not overrides.get("fused", False))
     return jax.eval_shape(init, jax.random.key(0), example_images(name, **overrides))
 

@@ -13,12 +13,14 @@ module-level imports inside `nets/` form no cycle.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import inspect
 import re
 
 import haiku as hk
+import jax.numpy as jnp
 
 from nets import (condensenet, csp, densenet, efficientdet, efficientnet, inception, layers,
                   mobilenet, nfnet, p3d, resnet_family, shake_shake, shufflenet, wide_resnet,
@@ -48,6 +50,15 @@ def model_info(name: str) -> ModelInfo:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} nets.list_models() lists all "
                          f"{len(_MODELS)}.") from None
+
+
+def network_key(name: str) -> tuple:
+    """Equal for variants that build the same network on the same inputs and differ only in
+    their train / test size, preprocessing or reference (MobileNet's resolution multipliers):
+    what tools and tests that trace a network once key their caches by."""
+    info = model_info(name)
+    return (info.builder, repr(sorted(info.config.items())), info.num_frames,
+            info.feature_strides, info.min_input_size, info.feature_sizes, info.task)
 
 
 def check_overrides(info: ModelInfo, overrides: dict) -> None:
@@ -83,19 +94,35 @@ def _fusion_of(name: str, num_classes: int, overrides: dict) -> layers.Fusion:
     return fusion.plan(name, num_classes, **overrides).fusion
 
 
+def _zeros(next_creator, shape, dtype, init, context):
+    return jnp.zeros(shape, dtype)
+
+
+@contextlib.contextmanager
+def zero_init():
+    """Inside a transform: parameters and state are created as zeros of their shapes, without
+    running their initialisers. An abstract trace (`jax.eval_shape`) needs no more, and tracing
+    the initialisers takes about two thirds of its time."""
+    with hk.custom_creator(_zeros, params=True, state=True):
+        yield
+
+
 def transformed(name: str, num_classes: int | None = None, *, fused: bool = False,
-                bn_eval: bool = False, **overrides) -> hk.TransformedWithState:
+                bn_eval: bool = False, shapes_only: bool = False,
+                **overrides) -> hk.TransformedWithState:
     """`hk.transform_with_state` of the variant's forward: f(images, is_training) -> logits.
     fused=True: the inference form with every BatchNorm folded into its conv, for the
     parameters `nets.fusion.fuse` returns (eval mode only). bn_eval=True: every BatchNorm
-    uses (and keeps) its running statistics in training too (`layers.batch_norm_eval`)."""
+    uses (and keeps) its running statistics in training too (`layers.batch_norm_eval`).
+    shapes_only=True: init creates zeros (`zero_init`), for shapes under jax.eval_shape."""
     check_overrides(model_info(name), overrides)
     if num_classes is None:
         num_classes = default_num_classes(name)
     fusing = _fusion_of(name, num_classes, overrides) if fused else None
 
     def forward(images, is_training: bool):
-        with layers.fused(fusing), layers.batch_norm_eval(bn_eval):
+        with (layers.fused(fusing), layers.batch_norm_eval(bn_eval),
+              zero_init() if shapes_only else contextlib.nullcontext()):
             return create(name, num_classes, **overrides)(images, is_training=is_training)
 
     return hk.transform_with_state(forward)

@@ -40,10 +40,6 @@ def _shapes(tree):
     return jax.tree.map(lambda leaf: leaf.shape, tree)
 
 
-def _zeros(next_creator, shape, dtype, init, context):
-    return jnp.zeros(shape, dtype)
-
-
 @contextlib.contextmanager
 def native_lowering():
     """XLA's native convs while tracing (nets.layers.default_lowering reads the variable)."""
@@ -52,22 +48,16 @@ def native_lowering():
         yield
 
 
-def _network_key(name: str):
-    info = nets.model_info(name)
-    return (info.builder, repr(sorted(info.config.items())), info.num_frames,
-            info.feature_strides, info.min_input_size, info.feature_sizes)
-
-
 _FIRST_WITH_NETWORK = {}
 for _name in MODELS:
-    _FIRST_WITH_NETWORK.setdefault(_network_key(_name), _name)
+    _FIRST_WITH_NETWORK.setdefault(nets.registry.network_key(_name), _name)
 
 
 def network(name: str) -> str:
-    """The first registered variant with the same network as `name` (builder, configuration,
-    input and stages): variants that differ only in their train / test size or preprocessing
+    """The first registered variant with the same network as `name` (`nets.registry.
+    network_key`): variants that differ only in their train / test size or preprocessing
     (MobileNet's resolution multipliers) share its traces."""
-    return _FIRST_WITH_NETWORK[_network_key(name)]
+    return _FIRST_WITH_NETWORK[nets.registry.network_key(name)]
 
 
 def traced(name: str, num_classes: int):
@@ -83,7 +73,7 @@ def _traced(name: str, num_classes: int):
     output = {}
 
     def forward(images):
-        with hk.custom_creator(_zeros, params=True, state=True):
+        with nets.registry.zero_init():
             out = nets.create(name, num_classes)(images, is_training=True)
         output["shapes"] = _shapes(out)
         return out

@@ -14,7 +14,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
@@ -23,20 +22,17 @@ import nets
 from experiments import condensenet as experiment
 from nets import condensenet
 from tests.helpers import count, random_values
+from tests.test_train import saved_tree
 from training import condensation, loop
 
 NAME = "condensenet86_cifar"
 TINY = dict(stages=(2, 3), growth_rates=(8, 16))  # C = G = 4; inputs 16..64, all divisible
 
 
-def _zeros(next_creator, shape, dtype, init, context):
-    return jnp.zeros(shape, dtype)  # only shapes are counted: skips tracing the initialisers
-
-
 def _shapes(name, num_classes=None, **overrides):
     """(params, state) shapes of the variant's training-mode init at 32 px."""
     def init(images):
-        with hk.custom_creator(_zeros, params=True, state=True):
+        with nets.registry.zero_init():
             return nets.create(name, num_classes, **overrides)(images, is_training=True)
 
     return jax.eval_shape(hk.transform_with_state(init).init, jax.random.key(0),
@@ -296,18 +292,6 @@ def _local_config(data_dir):
     return c
 
 
-def _saved(workdir, step):
-    """{path: array} of the train state checkpointed at `step`."""
-    path = pathlib.Path(workdir, "checkpoints", str(step), "state").resolve()
-    checkpointer = ocp.StandardCheckpointer()
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          checkpointer.metadata(path).item_metadata.tree)
-    tree = checkpointer.restore(path, target)
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _logged(workdir, key):
     rows = [json.loads(line) for line in
             pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
@@ -342,9 +326,9 @@ def test_a_local_run_condenses_at_every_stage_and_resumes_exactly_after_sigterm(
     assert stages == [min(3, s // 2) for s in range(RUN_STEPS)]
     lasso = _logged(tmp_path / "straight", "train/group_lasso")
     assert all(v > 0 for v in lasso[:6]) and all(v == 0 for v in lasso[6:])
-    final = _saved(tmp_path / "straight", RUN_STEPS)
+    final = saved_tree(tmp_path / "straight", RUN_STEPS)
     masks = {k: v for k, v in final.items()
-             if k.startswith("['model_state']") and k.endswith("['mask']")}
+             if k.startswith("model_state/") and k.endswith("/mask")}
     assert len(masks) == sum(RUN_MODEL["stages"])
     for mask in masks.values():
         assert (mask.sum(0) == mask.shape[0] // 4).all() and set(np.unique(mask)) == {0, 1}
@@ -372,7 +356,7 @@ def test_a_local_run_condenses_at_every_stage_and_resumes_exactly_after_sigterm(
     monkeypatch.setattr(condensation, "TASK", task)
     resumed = loop.run(config, str(tmp_path / "resumed"))
     assert resumed.final_line == straight.final_line
-    again = _saved(tmp_path / "resumed", RUN_STEPS)
+    again = saved_tree(tmp_path / "resumed", RUN_STEPS)
     assert list(again) == list(final)
     for key, value in final.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)

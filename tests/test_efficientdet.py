@@ -46,14 +46,10 @@ def test_the_nine_variants_are_the_official_table():
         assert info.feature_strides == tuple(2 ** k for k in range(3, row[6] + 1))
 
 
-def _zeros(next_creator, shape, dtype, init, context):
-    return jnp.zeros(shape, dtype)
-
-
 def _trees(name, num_classes=90):
     """(params, state) shapes of the variant, traced with zero initialisers (fast)."""
     def forward(images):
-        with hk.custom_creator(_zeros, params=True, state=True):
+        with nets.registry.zero_init():
             return nets.create(name, num_classes)(images, is_training=True)
 
     images = nets.introspect.example_images(name, 1, 256)

@@ -27,17 +27,13 @@ def test_the_row_is_d0_with_the_point_head():
         k: v for k, v in d0.config.items() if k != "num_anchors"}
 
 
-def _zeros(next_creator, shape, dtype, init, context):
-    return jnp.zeros(shape, dtype)
-
-
 @pytest.mark.parametrize("num_classes, points_per_cell", [(1, 1), (3, 2)])
 def test_head_parameters_are_the_closed_form(num_classes, points_per_cell):
     """Spec §15.1 with one "anchor" per slot: class side R(W^2 + 10W) + 2RLW + sep(W -> PK),
     point side the same with 2P outputs, sep(a -> b) = 9a + ab + b; backbone and BiFPN are D0's
     official figures."""
     def forward(images):
-        with hk.custom_creator(_zeros, params=True, state=True):
+        with nets.registry.zero_init():
             return nets.create(NAME, num_classes, points_per_cell=points_per_cell)(
                 images, is_training=True)
 

@@ -9,11 +9,15 @@ def model_table() -> str:
     so the table need not count again), else counted with jax.eval_shape."""
     rows = ["| model | params | reference (params equal ours) | train / test px |",
             "|---|---:|---|---|"]
+    counted = {}  # one count per network (nets.registry.network_key)
     for name in nets.list_models():
         info = nets.model_info(name)
         ours = info.reference_params
         if ours is None:
-            ours = nets.introspect.count_params(name)
+            key = nets.registry.network_key(name)
+            if key not in counted:
+                counted[key] = nets.introspect.count_params(name)
+            ours = counted[key]
         rows.append(f"| {name} | {ours:,} | {info.reference} | "
                     f"{info.train_size} / {info.test_size} |")
     return "\n".join(rows)
