@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.records import ModelInfo, Preprocessing
+from nets.records import UNIT_RANGE_PREPROCESSING, ModelInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +169,7 @@ V3_BODY = ("stage", _MAX, ("Mixed_5b", _a(32)), ("Mixed_5c", _a(64)), ("Mixed_5d
            ("Mixed_7b", _E), ("Mixed_7c", _E), "stage")
 V3_AUX = {"Mixed_6e": "AuxLogits"}
 V3_MIN_SIZE = 75  # the smallest input its unpadded convs and pools take (torchvision's min_size)
+GOOGLENET_MIN_SIZE = 15  # the smallest input GoogLeNet takes
 V3_AUX_MIN_MAP = 17  # the aux head's 5x5 / 3 pooling, then its unpadded 5x5 conv (299 px input)
 
 
@@ -355,7 +356,7 @@ class Inception(hk.Module):
             aux_loss_weight)
         self.stem, self.body = (GOOGLENET_STEM, GOOGLENET_BODY) if v1 else (V3_STEM, V3_BODY)
         self.aux_heads = GOOGLENET_AUX if v1 else V3_AUX
-        self.min_size = 15 if v1 else V3_MIN_SIZE
+        self.min_size = GOOGLENET_MIN_SIZE if v1 else V3_MIN_SIZE
         keras = init == "keras"
         glorot = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
         self.opts = dict(
@@ -471,7 +472,6 @@ def keras_name(path: str, config: Mapping[str, Any]) -> str | tuple[str, int]:
 # Both torchvision weights take transform_input=True: images normalised with ImageNet's mean and
 # std, mapped inside the model to (x - 0.5) / 0.5, TF's [-1, 1] inputs the weights were ported
 # with. Ours take the [-1, 1] inputs directly (transform_input off), as Keras' preprocess_input.
-_TO_UNIT_RANGE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def _torch_variant(name, counts, **config) -> ModelInfo:
@@ -484,9 +484,9 @@ def _torch_variant(name, counts, **config) -> ModelInfo:
         reference_params_no_head=no_head, reference_bn_stat_elems=bn_stats,
         train_size=size, test_size=size,
         # torchvision: resize 342, crop 299 (Inception-v3); resize 256, crop 224.
-        preprocessing=Preprocessing(**_TO_UNIT_RANGE,
-                                    crop_fraction=299 / 342 if v3 else 0.875),
-        min_input_size=V3_MIN_SIZE if v3 else 15,
+        preprocessing=dataclasses.replace(UNIT_RANGE_PREPROCESSING,
+                                          crop_fraction=299 / 342 if v3 else 0.875),
+        min_input_size=V3_MIN_SIZE if v3 else GOOGLENET_MIN_SIZE,
         feature_sizes=v3_stage_sizes if v3 else None, classifier="fc", torch_name=torch_name)
 
 
@@ -502,7 +502,7 @@ VARIANTS = (
               config=KERAS_CONFIG, reference="keras:InceptionV3",
               reference_params=23817352, reference_params_no_head=21768352,
               reference_bn_stat_elems=34432, train_size=299, test_size=299,
-              preprocessing=Preprocessing(**_TO_UNIT_RANGE),  # as the Keras MobileNets
+              preprocessing=UNIT_RANGE_PREPROCESSING,
               min_input_size=V3_MIN_SIZE, feature_sizes=v3_stage_sizes, classifier="fc",
               keras_name=keras_name, keras_builder="InceptionV3"),
 )

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import layers
-from nets.records import ModelInfo, Preprocessing
+from nets.records import UNIT_RANGE_PREPROCESSING, ModelInfo, Preprocessing
 
 KERAS_V1_PAD = ((0, 1), (0, 1))
 # torchvision's classifier init (and the paper codebases'): N(0, 0.01), zero bias.
@@ -389,7 +389,7 @@ KERAS_V3 = dict(padding="same", bn_decay=0.999, bn_eps=1e-3, unbiased_running_va
 KERAS_V1_SIZES = (128, 160, 192)
 KERAS_V2_SIZES = (96, 128, 160, 192)
 # Keras MobileNets take inputs scaled to [-1, 1] ("tf" mode); torchvision's the ImageNet mean/std.
-KERAS_INPUTS = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+KERAS_INPUTS = UNIT_RANGE_PREPROCESSING
 
 
 TORCH_INPUTS = Preprocessing()

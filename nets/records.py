@@ -39,6 +39,9 @@ class Preprocessing:
     image_ops: str = "torchvision"
 
 
+# Keras' "tf" preprocessing (MobileNets, Inception-v3, Xception): pixels scaled to [-1, 1].
+UNIT_RANGE_PREPROCESSING = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
 # CIFAR-10 per-channel statistics of fb.resnet.torch, which the CIFAR papers' code uses (WRN,
 # DenseNet, Shake-Shake); 32 px images are evaluated whole (no crop).
 CIFAR10_PREPROCESSING = Preprocessing(mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),

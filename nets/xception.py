@@ -24,13 +24,14 @@ import haiku as hk
 import jax
 
 from nets import layers
-from nets.records import ModelInfo, Preprocessing
+from nets.records import UNIT_RANGE_PREPROCESSING, ModelInfo
 
 # (block, width of its two separable convs, whether a ReLU starts it) of the entry flow; the
 # exit flow's first block (13) is the same with widths 728 then 1024.
 ENTRY_BLOCKS = ((2, (128, 128), False), (3, (256, 256), True), (4, (728, 728), True))
 EXIT_BLOCK = (13, (728, 1024), True)
 MIDDLE_WIDTH = 728
+MIN_INPUT_SIZE = 7  # the unpadded stem (two 3x3 convs, the first strided) leaves 1 px
 
 
 class SeparableConv(hk.Module):
@@ -93,8 +94,9 @@ class Xception(hk.Module):
     @hk.name_like("__call__")
     def features(self, images, is_training: bool) -> dict[str, jax.Array]:
         layers.check_images(images, self.module_name, self.in_channels)
-        if min(images.shape[1:3]) < 7:  # the unpadded stem would leave nothing
-            raise ValueError(f"{self.module_name} needs images of at least 7 x 7 pixels, "
+        if min(images.shape[1:3]) < MIN_INPUT_SIZE:
+            raise ValueError(f"{self.module_name} needs images of at least {MIN_INPUT_SIZE} x "
+                             f"{MIN_INPUT_SIZE} pixels, "
                              f"got {images.shape[1]} x {images.shape[2]}")
         x = layers.Conv(32, 3, 2, padding=0, name="block1_conv1")(images)
         x = jax.nn.relu(self._bn(x, is_training, "block1_conv1_bn"))
@@ -150,13 +152,12 @@ def keras_name(path: str, config: Mapping[str, Any]) -> str | tuple[str, int]:
 
 VARIANTS = (
     # keras.applications.Xception; the counts are Keras' model's (its trainable weights, its
-    # BatchNorm moving statistics), tests/test_keras_reference.py.
+    # BatchNorm moving statistics), tests/test_keras_families.py.
     ModelInfo(name="xception", family="xception", builder=Xception, config={},
               reference="keras:Xception", reference_params=22855952,
               reference_params_no_head=20806952, reference_bn_stat_elems=54528,
               train_size=299, test_size=299,
-              # Keras' "tf" preprocessing: pixels scaled to [-1, 1].
-              preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-              feature_sizes=feature_sizes, min_input_size=7, classifier="predictions",
+              preprocessing=UNIT_RANGE_PREPROCESSING, feature_sizes=feature_sizes,
+              min_input_size=MIN_INPUT_SIZE, classifier="predictions",
               keras_name=keras_name, keras_builder="Xception"),
 )
